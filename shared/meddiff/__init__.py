@@ -1,3 +1,35 @@
 """meddiff: the shared library behind the meddiff MONAI bundles."""
 
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 __version__ = "0.1.0"
+
+_SUBMODULES = {
+    "data",
+    "dicom",
+    "engines",
+    "evaluation",
+    "generation",
+    "handlers",
+    "inferers",
+    "io",
+    "metrics",
+    "networks",
+    "precision",
+    "sampling",
+    "schedulers",
+    "visualize",
+    "ensembles",
+    "demo",
+    "cli",
+}
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import submodules on first use, so bundle configs need only ``$import meddiff``."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"meddiff.{name}")
+    raise AttributeError(f"module 'meddiff' has no attribute {name!r}")

@@ -1,0 +1,22 @@
+"""Readers, layouts, validation and transforms for 2D slices with class masks."""
+
+from meddiff.data.errors import DataError
+from meddiff.data.layouts import detect_layout, load_slices
+from meddiff.data.transforms import (
+    ABSENT_VALUE,
+    EncodeMaskd,
+    RandClassAblationd,
+    decode_mask,
+    encode_mask,
+)
+
+__all__ = [
+    "ABSENT_VALUE",
+    "DataError",
+    "EncodeMaskd",
+    "RandClassAblationd",
+    "decode_mask",
+    "detect_layout",
+    "encode_mask",
+    "load_slices",
+]

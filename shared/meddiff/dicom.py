@@ -1,0 +1,342 @@
+"""DICOM in and out: read one series (or an NRRD/NIfTI volume), put labels on the image grid, write DICOM SEG.
+
+Array conventions: SimpleITK images turn into numpy arrays indexed (Z, Y, X). For a DICOM series read with
+`read_series`, Z follows the slice order SimpleITK/GDCM chose, which is ascending position along the slice normal
+(the cross product of the ImageOrientationPatient row and column vectors), the same order `sorted_source_datasets`
+returns. `write_seg` expects its masks in that order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from meddiff.io import atomic_write, check_new_output
+
+__all__ = [
+    "DicomSeriesError",
+    "NODULE_CODES",
+    "TISSUE_CODES",
+    "SlicerSegment",
+    "find_series",
+    "label_on_image_grid",
+    "read_series",
+    "read_volume",
+    "segment_mask",
+    "slicer_segments",
+    "sorted_source_datasets",
+    "vector_label_to_labelmap",
+    "write_like",
+    "write_seg",
+]
+
+VOLUME_EXTENSIONS = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+TISSUE_CODES: tuple[Code, Code] = (codes.SCT.Tissue, codes.SCT.Tissue)
+NODULE_CODES: tuple[Code, Code] = (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Nodule)
+_GRID_TOL = 1e-3
+
+
+class DicomSeriesError(ValueError):
+    """Raised when a folder does not hold exactly one readable DICOM series."""
+
+
+def find_series(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Map SeriesInstanceUID -> sorted file paths for the DICOM files directly in `folder` (others skipped)."""
+    found: dict[str, list[str]] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        ds = _read_header(entry.path)
+        if ds is None or "SeriesInstanceUID" not in ds:
+            continue  # not DICOM, or a DICOMDIR / other non-image object
+        found.setdefault(str(ds.SeriesInstanceUID), []).append(entry.path)
+    return found
+
+
+def _read_header(path: str | os.PathLike) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=False)
+    except InvalidDicomError:
+        return None
+
+
+def _describe(files: list[str]) -> str:
+    ds = _read_header(files[0])
+    description = str(ds.get("SeriesDescription", "")) if ds is not None else ""
+    return f"'{description}'" if description else "(no SeriesDescription)"
+
+
+def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read one DICOM series from `folder` as a float32 image (rescale slope/intercept applied)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomSeriesError(
+            f"DICOM folder {folder} does not exist or is not a folder. Pass the folder that directly holds the "
+            "DICOM files of one series."
+        )
+    series = find_series(folder)
+    if not series:
+        raise DicomSeriesError(
+            f"No DICOM files found in {folder} (subfolders are not searched; files need the DICOM preamble). "
+            "Pass the folder that directly holds the .dcm files of one series."
+        )
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(f"{uid} {_describe(files)} ({len(files)} files)" for uid, files in series.items())
+            raise DicomSeriesError(
+                f"{folder} holds several series: {listing}. Move each series into its own folder, or pass "
+                "series_uid to choose one."
+            )
+        series_uid = next(iter(series))
+    elif series_uid not in series:
+        raise DicomSeriesError(f"Series {series_uid} is not in {folder}; the folder holds {sorted(series)}.")
+    reader = sitk.ImageSeriesReader()
+    names = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid)) or series[series_uid]
+    if len(names) < 1:
+        raise DicomSeriesError(f"Series {series_uid} in {folder} has no slices; check that the files are complete.")
+    reader.SetFileNames(names)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise DicomSeriesError(f"SimpleITK could not read series {series_uid} in {folder}: {err}") from err
+    pixel = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
+    return sitk.Cast(image, pixel)
+
+
+def read_volume(path: str | os.PathLike) -> sitk.Image:
+    """Read a DICOM series folder, or an NRRD / NIfTI / MetaImage file, as a SimpleITK image."""
+    path = Path(path)
+    if path.is_dir():
+        return read_series(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a DICOM series folder or a volume file.")
+    if not path.name.lower().endswith(VOLUME_EXTENSIONS):
+        raise ValueError(
+            f"Cannot read {path}: unknown extension. Supported: a DICOM series folder, or a file ending in "
+            f"{', '.join(VOLUME_EXTENSIONS)}."
+        )
+    return sitk.ReadImage(str(path))
+
+
+@dataclass(frozen=True)
+class SlicerSegment:
+    """One segment described in a 3D Slicer `.seg.nrrd` header (Segment<i>_Name/_LabelValue/_Layer)."""
+
+    index: int
+    name: str
+    layer: int
+    label_value: int
+
+
+def slicer_segments(image: sitk.Image) -> list[SlicerSegment]:
+    """Return the 3D Slicer segments described in an image's NRRD header fields (empty if none)."""
+    keys = set(image.GetMetaDataKeys())
+
+    def field(i: int, name: str, default: str) -> str:
+        key = f"Segment{i}_{name}"
+        return image.GetMetaData(key).strip() if key in keys else default
+
+    segments = []
+    i = 0
+    while f"Segment{i}_Name" in keys or f"Segment{i}_ID" in keys:
+        name = field(i, "Name", field(i, "ID", f"Segment_{i}"))
+        segments.append(SlicerSegment(i, name, int(field(i, "Layer", "0")), int(field(i, "LabelValue", "1"))))
+        i += 1
+    return segments
+
+
+def segment_mask(image: sitk.Image, segment: SlicerSegment) -> np.ndarray:
+    """Boolean (Z,Y,X) mask of one Slicer segment: voxels whose layer component equals its label value."""
+    array = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = array[..., segment.layer]
+    elif segment.layer != 0:
+        raise ValueError(f"segment '{segment.name}' is on layer {segment.layer} but the image has one layer")
+    return np.asarray(array == segment.label_value)
+
+
+def vector_label_to_labelmap(label: sitk.Image) -> sitk.Image:
+    """Turn a multi-component label (a layered Slicer `.seg.nrrd`) into one label map on the same grid.
+
+    With Slicer segment fields in the header, voxels of segment i (0-based) get value i + 1; without them,
+    component i is taken as one segment and its nonzero voxels get i + 1. Where segments overlap, the lowest
+    index wins.
+    """
+    k = label.GetNumberOfComponentsPerPixel()
+    if k == 1:
+        return label
+    array = sitk.GetArrayViewFromImage(label)
+    segments = slicer_segments(label)
+    masks = [segment_mask(label, s) for s in segments] if segments else [array[..., c] != 0 for c in range(k)]
+    out = np.zeros(array.shape[:-1], dtype=np.uint8 if len(masks) < 255 else np.uint16)
+    for i in reversed(range(len(masks))):
+        out[masks[i]] = i + 1
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(label)
+    return result
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=_GRID_TOL, rtol=_GRID_TOL)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=_GRID_TOL, rtol=_GRID_TOL)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=_GRID_TOL, rtol=_GRID_TOL)
+    )
+
+
+def _extent(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    size = image.GetSize()
+    corners = np.array(np.meshgrid(*[(-0.5, s - 0.5) for s in size], indexing="ij")).reshape(len(size), -1).T
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def label_on_image_grid(label: sitk.Image, image: sitk.Image, path_for_errors: str | os.PathLike) -> sitk.Image:
+    """Return `label` on `image`'s voxel grid: unchanged if the grids match, else resampled (nearest neighbour).
+
+    A multi-component label (3D Slicer `.seg.nrrd` with several layers) is first turned into one label map with
+    `vector_label_to_labelmap`. Raises ValueError naming `path_for_errors` if the label does not overlap the image.
+    """
+    label = vector_label_to_labelmap(label)
+    if label.GetDimension() != image.GetDimension():
+        raise ValueError(
+            f"The label {path_for_errors} is {label.GetDimension()}D but the image is {image.GetDimension()}D."
+        )
+    if _same_grid(label, image):
+        return label
+    (label_lo, label_hi), (image_lo, image_hi) = _extent(label), _extent(image)
+    if not np.all(np.maximum(label_lo, image_lo) < np.minimum(label_hi, image_hi)):
+        raise ValueError(
+            f"The label {path_for_errors} does not overlap its image in physical space (label spans "
+            f"{label_lo.round(1).tolist()}..{label_hi.round(1).tolist()} mm, image spans "
+            f"{image_lo.round(1).tolist()}..{image_hi.round(1).tolist()} mm). Check that the segmentation "
+            "belongs to this series and that its header keeps the origin/direction."
+        )
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+
+
+def _slice_position(ds: pydicom.Dataset) -> float:
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float)))
+
+
+def sorted_source_datasets(folder: str | os.PathLike, series_uid: str | None = None) -> list[pydicom.Dataset]:
+    """Headers of one series in `folder`, sorted by ImagePositionPatient along the slice normal (ascending)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomSeriesError(f"DICOM folder {folder} does not exist or is not a folder.")
+    series = find_series(folder)
+    if not series:
+        raise DicomSeriesError(f"No DICOM files found in {folder}; pass the folder holding the source series.")
+    if series_uid is None and len(series) > 1:
+        raise DicomSeriesError(
+            f"{folder} holds several series ({', '.join(series)}). Move each series into its own folder, or pass "
+            "series_uid."
+        )
+    uid = series_uid or next(iter(series))
+    if uid not in series:
+        raise DicomSeriesError(f"Series {uid} is not in {folder}; the folder holds {sorted(series)}.")
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series[uid]]
+    missing = [f for f, ds in zip(series[uid], datasets, strict=True) if "ImagePositionPatient" not in ds]
+    if missing:
+        raise DicomSeriesError(f"{missing[0]} has no ImagePositionPatient; cannot order the slices of {folder}.")
+    return sorted(datasets, key=_slice_position)
+
+
+def write_seg(
+    mask_volumes: Mapping[str, np.ndarray],
+    source_folder: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_description: str,
+    manufacturer: str = "meddiff",
+    segment_codes: tuple[Code, Code] | Mapping[str, tuple[Code, Code]] | None = None,
+    series_number: int = 900,
+) -> Path:
+    """Write a BINARY DICOM SEG (one segment per entry) referencing the series in `source_folder`; never overwrites.
+
+    Each mask is (Z, Y, X) with Z in the order of `sorted_source_datasets(source_folder)`. `segment_codes` is a
+    (category, type) pair for all segments, or a dict label -> pair; the default is `TISSUE_CODES`.
+    """
+    import highdicom as hd
+
+    from meddiff import __version__
+
+    output_path = check_new_output(output_path)
+    if not mask_volumes:
+        raise ValueError(f"write_seg for {output_path} got no masks: pass at least one label -> (Z,Y,X) array.")
+    datasets = sorted_source_datasets(source_folder)
+    expected = (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
+    masks = []
+    for label, mask in mask_volumes.items():
+        mask = np.asarray(mask)
+        if mask.shape != expected:
+            raise ValueError(
+                f"mask '{label}' has shape {mask.shape} but the series in {source_folder} is {expected} (Z,Y,X)."
+            )
+        masks.append(mask != 0)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version
+    )
+    descriptions = []
+    for number, label in enumerate(mask_volumes, start=1):
+        if isinstance(segment_codes, Mapping):
+            category, prop = segment_codes.get(label, TISSUE_CODES)
+        else:
+            category, prop = segment_codes or TISSUE_CODES
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label,
+                segmented_property_category=category,
+                segmented_property_type=prop,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=np.stack(masks, axis=-1),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=algorithm_name,
+        software_versions=f"meddiff {__version__}",
+        device_serial_number="0",
+        series_description=series_description,
+    )
+    return atomic_write(output_path, lambda tmp: pydicom.dcmwrite(tmp, seg, enforce_file_format=True), overwrite=False)
+
+
+def write_like(array: np.ndarray, reference: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a (Z,Y,X) array as NIfTI/NRRD/MHA (by extension) with `reference`'s geometry, atomically."""
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_EXTENSIONS):
+        raise ValueError(f"Cannot write {path}: use one of {', '.join(WRITE_EXTENSIONS)}.")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    expected = tuple(reversed(reference.GetSize()))
+    if array.shape != expected:
+        raise ValueError(f"array for {path} has shape {array.shape}, the reference image is {expected} (Z,Y,X).")
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), overwrite)

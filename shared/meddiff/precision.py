@@ -1,0 +1,98 @@
+"""Precision, memory layout, optimizer and allocator settings: the fast path every bundle shares."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+from collections.abc import Iterable
+from enum import Enum
+
+import torch
+
+__all__ = [
+    "MALLOC_TUNABLES",
+    "Precision",
+    "autocast",
+    "cast_for_inference",
+    "make_adamw",
+    "reexec_with_malloc_tuning",
+    "resolve_precision",
+    "to_memory_format",
+]
+
+# glibc mmaps every allocation above 32 MiB and unmaps it on free, so large activations page-fault on each step
+# (1.5-1.9x slower on CPU, see bench/README.md). Never mmap, never trim.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+class Precision(str, Enum):
+    """Numeric precision of training and sampling."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+def resolve_precision(precision: str | Precision, device: torch.device | str) -> Precision:
+    """Validate `precision` for `device`: fp16 needs CUDA, bf16 needs a CPU or a GPU that supports it."""
+    precision = Precision(precision)
+    device = torch.device(device)
+    if precision is Precision.FP16 and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 (fast on AMX CPUs) or fp32.")
+    if precision is Precision.BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16: use precision fp16 or fp32.")
+    return precision
+
+
+def dtype_of(precision: str | Precision) -> torch.dtype:
+    """The torch dtype of a precision."""
+    return _DTYPES[Precision(precision)]
+
+
+def autocast(device: torch.device | str, precision: str | Precision) -> contextlib.AbstractContextManager:
+    """An autocast context for bf16/fp16, or a no-op for fp32."""
+    precision = Precision(precision)
+    if precision is Precision.FP32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Return `x` in channels_last layout when asked and 4-D, else unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+def cast_for_inference(network: torch.nn.Module, precision: str | Precision, channels_last: bool) -> torch.nn.Module:
+    """A copy of `network` with weights in `precision` and channels_last layout, or `network` itself for fp32 NCHW."""
+    precision = Precision(precision)
+    if precision is Precision.FP32 and not channels_last:
+        return network
+    net = copy.deepcopy(network.module if hasattr(network, "module") else network).eval()
+    net = net.to(dtype=_DTYPES[precision])
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def make_adamw(
+    params: Iterable[torch.nn.Parameter], lr: float = 1e-4, weight_decay: float = 0.0, device: str | None = None
+) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where the device supports it (CUDA, and CPU in torch >= 2.4), else foreach."""
+    params = list(params)
+    dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    fused_ok = dev.type in ("cuda", "cpu")
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_ok)
+    except (RuntimeError, TypeError):  # older builds without a fused kernel for this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def reexec_with_malloc_tuning() -> None:
+    """Re-run this Python process with the glibc malloc setting if it is not set yet (Linux/glibc only)."""
+    if os.environ.get("GLIBC_TUNABLES") or not sys.platform.startswith("linux") or os.environ.get("MEDDIFF_NO_REEXEC"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -1,0 +1,371 @@
+"""Tests for meddiff.dicom and the Duke-Breast-Cancer-MRI converter (data_prep/duke_breast_mri.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from meddiff.dicom import (
+    DicomSeriesError,
+    find_series,
+    label_on_image_grid,
+    read_series,
+    read_volume,
+    sorted_source_datasets,
+    write_like,
+    write_seg,
+)
+from meddiff.io import OutputExistsError
+
+ROOT = Path(__file__).resolve().parents[1]
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+CT5N = PYDICOM_FILES / "dicomdirtests/98892001/CT5N"
+MR2 = PYDICOM_FILES / "dicomdirtests/98892003/MR2"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _load_duke():
+    spec = importlib.util.spec_from_file_location("duke_breast_mri", ROOT / "data_prep" / "duke_breast_mri.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+duke = _load_duke()
+
+
+def write_series(
+    folder: Path,
+    pixels: np.ndarray,
+    *,
+    modality: str = "CT",
+    description: str = "synthetic",
+    study_uid: str | None = None,
+    patient_id: str = "P001",
+    spacing: tuple[float, float, float] = (0.7, 0.8, 2.0),
+    origin: tuple[float, float, float] = (-10.0, -20.0, 30.0),
+    intercept: float = -1024.0,
+) -> str:
+    """Write (Z,Y,X) int16 `pixels` as a single-frame series; file names run opposite to slice position."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    study_uid = study_uid or generate_uid()
+    n = pixels.shape[0]
+    for z in range(n):
+        ds = Dataset()
+        ds.SOPClassUID = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+        ds.SOPInstanceUID = generate_uid()
+        ds.Modality = modality
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, "Test^Patient", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", "", "", ""
+        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 3, z + 1, description
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + z * spacing[2]]
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (y), column spacing (x)
+        ds.SliceThickness = spacing[2]
+        ds.Rows, ds.Columns = pixels.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, intercept, "HU" if modality == "CT" else "US"
+        ds.PixelData = pixels[z].astype("<i2").tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+        )
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        pydicom.dcmwrite(folder / f"IM{n - 1 - z:04d}.dcm", ds, enforce_file_format=True)
+    return series_uid
+
+
+def _ramp(shape=(4, 8, 8)) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.int16).reshape(shape) * 3
+
+
+# ---------------------------------------------------------------- (a) reading real and synthetic series
+
+
+@pytest.mark.skipif(not CT5N.is_dir(), reason="pydicom test files not installed")
+def test_read_series_pydicom_ct5n(tmp_path):
+    image = read_series(CT5N)
+    assert image.GetSize() == (16, 16, 5)
+    assert np.allclose(image.GetSpacing(), (0.488, 0.488, 2.5), atol=1e-3)
+    assert image.GetPixelID() == sitk.sitkFloat32
+    # a non-DICOM file beside the series is skipped silently
+    copy = tmp_path / "ct"
+    shutil.copytree(CT5N, copy)
+    (copy / "label.nii.gz").write_bytes(b"not dicom at all")
+    assert [len(f) for f in find_series(copy).values()] == [5]
+    assert read_series(copy).GetSize() == (16, 16, 5)
+
+
+@pytest.mark.skipif(not MR2.is_dir(), reason="pydicom test files not installed")
+def test_read_series_several_series():
+    with pytest.raises(DicomSeriesError, match="several series") as err:
+        read_series(MR2)
+    assert "FAST LOCALIZER" in str(err.value) and "series_uid" in str(err.value)
+    uid = next(iter(find_series(MR2)))
+    assert read_series(MR2, series_uid=uid).GetDimension() == 3
+
+
+def test_read_series_errors(tmp_path):
+    with pytest.raises(DicomSeriesError, match="No DICOM files"):
+        read_series(tmp_path)
+    with pytest.raises(DicomSeriesError, match="does not exist"):
+        read_series(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown extension"):
+        (tmp_path / "x.png").write_bytes(b"")
+        read_volume(tmp_path / "x.png")
+
+
+def test_read_series_rescale_order_and_read_volume(tmp_path):
+    pixels = _ramp()
+    write_series(tmp_path / "ct", pixels, intercept=-1024.0)
+    image = read_volume(tmp_path / "ct")
+    assert image.GetSize() == (8, 8, 4)
+    assert np.allclose(image.GetSpacing(), (0.7, 0.8, 2.0))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), pixels - 1024.0)
+    positions = [float(ds.ImagePositionPatient[2]) for ds in sorted_source_datasets(tmp_path / "ct")]
+    assert positions == sorted(positions)
+    write_like(pixels, image, tmp_path / "v.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "v.nrrd")), pixels)
+    with pytest.raises(OutputExistsError):
+        write_like(pixels, image, tmp_path / "v.nrrd")
+    with pytest.raises(ValueError, match="shape"):
+        write_like(pixels[:2], image, tmp_path / "w.nii.gz")
+
+
+# ---------------------------------------------------------------- (b) DICOM SEG
+
+
+def test_write_seg_round_trip(tmp_path):
+    import highdicom as hd
+
+    source = tmp_path / "ct"
+    series_uid = write_series(source, _ramp())
+    nodule = np.zeros((4, 8, 8), dtype=bool)
+    nodule[1:3, 2:5, 3:6] = True
+    other = np.zeros((4, 8, 8), dtype=np.uint8)
+    other[3, 0, 0] = 1
+    out = tmp_path / "seg" / "pred.dcm"
+    write_seg(
+        {"nodule": nodule, "spot": other},
+        source,
+        out,
+        algorithm_name="meddiff-test",
+        algorithm_version="0.1",
+        series_description="test seg",
+    )
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY" and ds.SeriesDescription == "test seg"
+    assert len(ds.SegmentSequence) == 2
+    assert ds.SegmentSequence[0].SegmentLabel == "nodule" and ds.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "meddiff-test"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+
+    seg = hd.seg.segread(out)
+    sources = [d.SOPInstanceUID for d in sorted_source_datasets(source)]
+    pixels = seg.get_pixels_by_source_instance(sources, segment_numbers=[1, 2])
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), nodule)
+    np.testing.assert_array_equal(pixels[..., 1].astype(bool), other.astype(bool))
+
+    with pytest.raises(OutputExistsError):
+        write_seg({"nodule": nodule}, source, out, algorithm_name="a", algorithm_version="1", series_description="s")
+    with pytest.raises(ValueError, match="shape"):
+        write_seg(
+            {"x": nodule[:2]},
+            source,
+            tmp_path / "b.dcm",
+            algorithm_name="a",
+            algorithm_version="1",
+            series_description="s",
+        )
+
+
+# ---------------------------------------------------------------- (c) labels on the image grid
+
+
+def _grid_image(size=(8, 6, 4), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    image = sitk.Image(list(size), sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_label_on_image_grid_identity_resample_and_errors():
+    image = _grid_image()
+    array = np.random.default_rng(0).integers(0, 4, size=(4, 6, 8)).astype(np.uint8)
+    label = sitk.GetImageFromArray(array)
+    label.CopyInformation(image)
+    assert label_on_image_grid(label, image, "same.nrrd") is label
+
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(array[:, :, ::-1]))  # same voxels, x axis reversed
+    flipped.SetSpacing(image.GetSpacing())
+    flipped.SetOrigin((7.0, 0.0, 0.0))
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label_on_image_grid(flipped, image, "f.nrrd")), array)
+
+    far = sitk.GetImageFromArray(array)
+    far.SetOrigin((500.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="far.seg.nrrd"):
+        label_on_image_grid(far, image, "far.seg.nrrd")
+
+    layers = np.zeros((4, 6, 8, 2), dtype=np.uint8)
+    layers[0, 0, 0, 0] = 1
+    layers[1, 1, 1, 1] = 1
+    layers[2, 2, 2] = 1  # both layers: the first wins
+    vector = sitk.GetImageFromArray(layers, isVector=True)
+    vector.CopyInformation(image)
+    merged = sitk.GetArrayFromImage(label_on_image_grid(vector, image, "v.seg.nrrd"))
+    assert (merged[0, 0, 0], merged[1, 1, 1], merged[2, 2, 2], merged[3, 3, 3]) == (1, 2, 1, 0)
+
+
+# ---------------------------------------------------------------- (d) Duke-Breast-Cancer-MRI converter
+
+
+def _write_slicer_nrrd(path: Path, zyx_or_layers: np.ndarray, reference: sitk.Image, segments: list[tuple]) -> None:
+    """Write a 3D Slicer-style .seg.nrrd (LPS, (x,y,z) index order); layered data is (layer, Z, Y, X)."""
+    direction = np.asarray(reference.GetDirection()).reshape(3, 3) * np.asarray(reference.GetSpacing())
+    header = {"space": "left-posterior-superior", "space origin": np.asarray(reference.GetOrigin())}
+    if zyx_or_layers.ndim == 4:
+        data = np.transpose(zyx_or_layers, (0, 3, 2, 1))
+        header["kinds"] = ["list", "domain", "domain", "domain"]
+        header["space directions"] = np.vstack([np.full(3, np.nan), direction.T])
+    else:
+        data = np.transpose(zyx_or_layers, (2, 1, 0))
+        header["kinds"] = ["domain"] * 3
+        header["space directions"] = direction.T
+    for i, (name, value, layer) in enumerate(segments):
+        header.update({f"Segment{i}_Name": name, f"Segment{i}_LabelValue": str(value), f"Segment{i}_Layer": str(layer)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrrd.write(str(path), data.astype(np.uint8), header)
+
+
+@pytest.fixture
+def fake_release(tmp_path):
+    """Two segmented patients (pre + post series), one without segmentation; returns roots and expected labels."""
+    dicom_root, seg_root = tmp_path / "Duke-Breast-Cancer-MRI", tmp_path / "segmentations"
+    breast = np.zeros((4, 8, 8), np.uint8)
+    breast[:, 1:7, 1:7] = 1
+    expected = {}
+    for k, case in enumerate(["Breast_MRI_001", "Breast_MRI_002", "Breast_MRI_003"]):
+        study = dicom_root / case / f"01-01-1990-NA-BREASTROUTINE DYNAMICS-{k}"
+        write_series(
+            study / "3.000000-ax dyn pre-1234",
+            _ramp(),
+            modality="MR",
+            description="ax dyn pre",
+            patient_id=case,
+            intercept=0.0,
+        )
+        write_series(
+            study / "4.000000-ax dyn 1st pass-5678",
+            _ramp() + 7,
+            modality="MR",
+            description="ax dyn 1st pass",
+            patient_id=case,
+            intercept=0.0,
+        )
+        if case == "Breast_MRI_003":
+            continue
+        reference = read_series(study / "3.000000-ax dyn pre-1234")
+        seg_dir = seg_root / case
+        _write_slicer_nrrd(seg_dir / f"Segmentation_{case}_Breast.seg.nrrd", breast, reference, [("Breast", 1, 0)])
+        vessels, fgt = np.zeros_like(breast, dtype=bool), np.zeros_like(breast, dtype=bool)
+        vessels[1, 2:4, 2:4] = True
+        fgt[2, 3:6, 3:6] = True
+        fgt[1, 3, 3] = True  # overlaps a vessel voxel: FGT wins
+        if k == 0:  # one layer, segments listed Dense first with swapped values
+            dv = np.where(fgt, 1, np.where(vessels, 2, 0))
+            _write_slicer_nrrd(
+                seg_dir / f"Segmentation_{case}_Dense_and_Vessels.seg.nrrd",
+                dv,
+                reference,
+                [("Dense", 1, 0), ("Vessels", 2, 0)],
+            )
+        else:  # two layers
+            layers = np.stack([vessels * 1, fgt * 1])
+            _write_slicer_nrrd(
+                seg_dir / f"Segmentation_{case}_Dense_and_Vessels.seg.nrrd",
+                layers,
+                reference,
+                [("Vessels", 1, 0), ("Dense", 1, 1)],
+            )
+        label = breast.copy()
+        label[vessels] = 2
+        label[fgt] = 3
+        expected[case] = label
+    return dicom_root, seg_root, expected
+
+
+def test_duke_converter(fake_release, tmp_path, caplog):
+    dicom_root, seg_root, expected = fake_release
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert duke.main(["--dicom_root", str(dicom_root), "--seg_root", str(seg_root), "--out", str(out)]) == 0
+    assert "Breast_MRI_003" in caplog.text
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist == {
+        "training": [
+            {"image": "Breast_MRI_001/image", "label": "Breast_MRI_001/label.nii.gz"},
+            {"image": "Breast_MRI_002/image", "label": "Breast_MRI_002/label.nii.gz"},
+        ]
+    }
+    for case, label in expected.items():
+        image = read_series(out / case / "image")
+        assert len(os.listdir(out / case / "image")) == 4
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), _ramp())  # the pre series, not the post
+        written = read_volume(out / case / "label.nii.gz")
+        assert np.allclose(written.GetOrigin(), image.GetOrigin()) and np.allclose(written.GetSpacing(), (0.7, 0.8, 2))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), label)
+        assert set(np.unique(label)) == {0, 1, 2, 3}
+
+    with pytest.raises(OutputExistsError, match="datalist.json"):
+        duke.convert(dicom_root, seg_root, out)
+    assert duke.main(["--dicom_root", str(dicom_root), "--seg_root", str(seg_root), "--out", str(out)]) == 1
+    assert len(duke.convert(dicom_root, seg_root, out, overwrite=True)) == 2
+
+
+def test_duke_converter_errors(fake_release, tmp_path):
+    dicom_root, seg_root, _ = fake_release
+    study = next((dicom_root / "Breast_MRI_002").iterdir())
+    write_series(study / "5.000000-ax t1 pre-999", _ramp(), modality="MR", description="Ax T1 PRE", intercept=0.0)
+    with pytest.raises(DicomSeriesError, match="Several series") as err:
+        duke.convert(dicom_root, seg_root, tmp_path / "out")
+    assert "Breast_MRI_002" in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written before the error
+    with pytest.raises(DicomSeriesError, match="No series"):
+        duke.convert(dicom_root, seg_root, tmp_path / "out", series_regex="^sag")
+    empty_segs = tmp_path / "no_segs"
+    empty_segs.mkdir()
+    with pytest.raises(DicomSeriesError, match="Nothing to convert"):
+        duke.convert(dicom_root, empty_segs, tmp_path / "out")
+
+
+def test_dense_vessel_values_without_header():
+    values = np.zeros((2, 3, 4), np.uint8)
+    values[0, 0, 0], values[1, 1, 1] = 1, 2
+    image = sitk.GetImageFromArray(values)
+    dv = duke.dense_vessel_labels(image, "dv.nrrd", vessel_value=1, fgt_value=2)
+    assert (dv[0, 0, 0], dv[1, 1, 1], dv.sum()) == (2, 3, 5)
+    swapped = duke.dense_vessel_labels(image, "dv.nrrd", vessel_value=2, fgt_value=1)
+    assert (swapped[0, 0, 0], swapped[1, 1, 1]) == (3, 2)
+    values[0, 2, 2] = 5
+    with pytest.raises(ValueError, match=r"values \[5\]"):
+        duke.dense_vessel_labels(sitk.GetImageFromArray(values), "dv.nrrd")
