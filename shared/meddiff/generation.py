@@ -115,7 +115,7 @@ class MaskConditionedGeneration:
             check_label(m, self.num_classes, str(p))
         labels = np.stack([resize_label(m, self.img_size) for m in masks])
         images = self._generate(labels, "generating images")
-        for image, mask, path, target, mask_target in zip(images, masks, inputs, targets, mask_targets):
+        for image, mask, target, mask_target in zip(images, masks, targets, mask_targets):
             full = F.interpolate(torch.from_numpy(image)[None], size=mask.shape[-2:], mode="bilinear")[0].numpy()
             save_png(to_uint8(full), target, overwrite=self.overwrite)
             save_png(mask[0].astype(np.uint8), mask_target, overwrite=self.overwrite)

@@ -90,7 +90,8 @@ def find_pairs(
         for folder in (images_dir, masks_dir):
             if not folder.is_dir():
                 raise DataError(
-                    f"{folder} does not exist: PNG data needs img_dir/{split}/ + seg_dir/all/{split}/ or images/ + masks/."
+                    f"{folder} does not exist: PNG data needs img_dir/{split}/ and seg_dir/all/{split}/, "
+                    "or images/ and masks/."
                 )
         pairs = []
         for image in _files(images_dir, IMAGE_SUFFIXES):
