@@ -181,23 +181,35 @@ def check_finite(array: np.ndarray, path: str) -> None:
         raise DataError(f"image {path} contains NaN or infinite values: fix or remove the file.")
 
 
-def _read_volume_pair(pair: dict, layout: str) -> tuple[np.ndarray | None, np.ndarray, object]:
+def _voxels(path: str, image: object) -> np.ndarray:
+    """The (Z,Y,X) voxel array of a volume; NIfTI is read with nibabel because ITK silently turns NaN into 0."""
     import SimpleITK as sitk
 
+    if path.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        return np.asarray(nib.load(path).dataobj).T
+    return sitk.GetArrayFromImage(image)
+
+
+def _read_volume_pair(pair: dict, layout: str) -> tuple[np.ndarray | None, np.ndarray]:
     from meddiff.dicom import label_on_image_grid, read_volume
 
     label_img = read_volume(pair["label"])
     if pair["image"] is None:
-        return None, sitk.GetArrayFromImage(label_img), label_img
+        return None, _voxels(pair["label"], label_img)
     image_img = read_volume(pair["image"])
     if layout == "dicom":
         label_img = label_on_image_grid(label_img, image_img, pair["label"])
+        label = _voxels("", label_img)
     elif image_img.GetSize() != label_img.GetSize():
         raise DataError(
             f"label {pair['label']} has size {label_img.GetSize()} but image {pair['image']} has "
             f"{image_img.GetSize()}: they must share one voxel grid."
         )
-    return sitk.GetArrayFromImage(image_img).astype(np.float32), sitk.GetArrayFromImage(label_img), label_img
+    else:
+        label = _voxels(pair["label"], label_img)
+    return _voxels(pair["image"], image_img).astype(np.float32), label
 
 
 def load_slices(
@@ -238,7 +250,7 @@ def load_slices(
             }
             slices.append(item)
             continue
-        image, label, _ = _read_volume_pair(pair, layout)
+        image, label = _read_volume_pair(pair, layout)
         check_label(label, num_classes, pair["label"])
         if image is None:
             raise DataError(f"image for {pair['label']} is missing: training and evaluation need images.")

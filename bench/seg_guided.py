@@ -1,0 +1,897 @@
+"""Benchmark the breast MRI SegGuidedDiff bundle (MONAI + meddiff) against the seed's diffusers way, on CPU.
+
+One process orchestrates; every configuration runs in its own subprocess (fresh allocator, clean peak-RSS reading),
+with or without the glibc malloc setting. Measures training images/s, sampling seconds per image (DDIM-50 run in
+full, DDPM-1000 extrapolated from per-step times of the real loop), peak RSS, FLOP/s against the machine's matmul
+peaks, and the seed/meddiff ratios. Writes ``bench/results/seg_guided.json`` and the tables in ``bench/README.md``.
+
+    python bench/seg_guided.py           # full paper-size network (113.7M params), ~10 min on 2 cores
+    python bench/seg_guided.py --quick   # tiny smoke configuration, < 1 min; writes seg_guided_quick.json only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "breast_mri_seg_guided_generation"
+RESULTS = REPO / "bench" / "results"
+README = REPO / "bench" / "README.md"
+BEGIN, END = "<!-- seg_guided:tables:begin -->", "<!-- seg_guided:tables:end -->"
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"  # = meddiff.precision's
+NUM_CLASSES = 4  # breast MRI: background, breast, vessels, fibroglandular tissue
+TRAIN_TIMESTEPS = 1000
+
+FULL: dict[str, Any] = {
+    "sizes": [64, 128],
+    "train_batch": 4,
+    "train_warmup": 1,
+    "train_steps": {"64": 5, "128": 3},
+    "sample_batch": 1,
+    "ddim_steps": 50,
+    "ddpm_steps": 1000,
+    "ddpm_measured_steps": 12,
+    "warmup_steps": 2,
+    "matmul_n": 2048,
+    "matmul_reps": 10,
+    "attention_size": 128,
+    "attention_reps": 5,
+    "net": "paper",
+}
+QUICK: dict[str, Any] = {
+    "sizes": [32],
+    "train_batch": 2,
+    "train_warmup": 1,
+    "train_steps": {"32": 2},
+    "sample_batch": 1,
+    "ddim_steps": 5,
+    "ddpm_steps": 1000,
+    "ddpm_measured_steps": 3,
+    "warmup_steps": 1,
+    "matmul_n": 512,
+    "matmul_reps": 3,
+    "attention_size": 64,
+    "attention_reps": 2,
+    "net": "tiny",
+}
+TINY_CHANNELS = (32, 32, 64, 64, 64, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# networks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def seed_network(size: int, net: str) -> Any:
+    """The seed's network: diffusers `UNet2DModel`, 1 image channel + 1 merged mask channel (methods.md §2.2)."""
+    from diffusers import UNet2DModel
+
+    tiny = net == "tiny"
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=2,
+        out_channels=1,
+        layers_per_block=2,
+        block_out_channels=TINY_CHANNELS if tiny else (128, 128, 256, 256, 512, 512),
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        norm_num_groups=8 if tiny else 32,
+    )
+
+
+def bundle_parser(config: str, net: str, overrides: dict[str, Any] | None = None, globals_: dict | None = None) -> Any:
+    """The bundle's own config (train.json or inference.json) on CPU, with `overrides` applied."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(globals=globals_)
+    parser.read_config(str(BUNDLE / "configs" / config))
+    parser["device"] = "$torch.device('cpu')"
+    if net == "tiny":
+        parser["network_channels"] = list(TINY_CHANNELS)
+        parser["norm_num_groups"] = 8
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def bundle_network(net: str, use_flash_attention: bool | None = None) -> Any:
+    """The bundle's `DiffusionModelUNet` (inference.json `network_def`), fp32 NCHW on CPU."""
+    parser = bundle_parser("inference.json", net)
+    if use_flash_attention is not None:
+        parser["network_def#use_flash_attention"] = use_flash_attention
+    return parser.get_parsed_content("network_def")
+
+
+def synthetic_pair(size: int, seed: int) -> tuple[Any, Any]:
+    """A random image in [-1, 1] (1,S,S) and an integer mask (1,S,S) with classes 0..3 in blocks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand((1, size, size), generator=g) * 2 - 1
+    coarse = torch.randint(0, NUM_CLASSES, (1, 1, max(size // 8, 1), max(size // 8, 1)), generator=g).float()
+    label = torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")[0].long()
+    return image, label
+
+
+def seed_mask(label: Any) -> Any:
+    """The seed's conditioning: all classes merged into one channel holding k/255."""
+    return label.float() / 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker measurements (run inside the subprocesses)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def proc_memory_mib() -> dict[str, float]:
+    """Peak RSS of this process: VmHWM from /proc and ru_maxrss, in MiB."""
+    out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["vmhwm_mib"] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def train_seed(job: dict, cfg: dict) -> dict:
+    """The seed's training step: diffusers UNet, fp32, MSE + clip_grad_norm(1.0) + AdamW(1e-4) + cosine warmup."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    size, batch = job["size"], cfg["train_batch"]
+    n_total = cfg["train_warmup"] + cfg["train_steps"][str(size)]
+    torch.manual_seed(0)
+    model = seed_network(size, cfg["net"]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the seed's call: torch defaults otherwise
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=500, num_training_steps=100_000)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
+    pairs = [synthetic_pair(size, i) for i in range(batch * n_total)]
+    steps = []
+    for step in range(n_total):
+        chunk = pairs[step * batch : (step + 1) * batch]
+        clean = torch.stack([p[0] for p in chunk])
+        mask = torch.stack([seed_mask(p[1]) for p in chunk])
+        t0 = time.perf_counter()
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (batch,), dtype=torch.long)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        pred = model(torch.cat([noisy, mask], dim=1), timesteps, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t2 = time.perf_counter()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        t3 = time.perf_counter()
+        steps.append({"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2})
+    return _train_summary(steps, cfg, batch, float(loss.item()))
+
+
+def train_meddiff(job: dict, cfg: dict) -> dict:
+    """The bundle's own trainer (train.json): PrecisionDiffusionInferer, ConcatDiffusionPrepareBatch, make_adamw,
+    GradientClipping, WarmupCosineSchedule, in a MONAI SupervisedTrainer; data are synthetic."""
+    import torch
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents
+
+    size, batch = job["size"], cfg["train_batch"]
+    n_total = cfg["train_warmup"] + cfg["train_steps"][str(size)]
+    fast = job["variant"] == "fast"
+    torch.manual_seed(0)
+    data = []
+    for i in range(batch * n_total):
+        image, label = synthetic_pair(size, i)
+        data.append({"image": image.numpy(), "label": label.numpy().astype("uint8"), "name": f"s{i}"})
+    parser = bundle_parser(
+        "train.json",
+        cfg["net"],
+        {
+            "img_size": size,
+            "batch_size": batch,
+            "num_epochs": 1,
+            "precision": "bf16" if fast else "fp32",
+            "channels_last": fast,
+            "train#data": "$bench_data",
+            "train#dataloader#shuffle": False,
+        },
+        globals_={"bench_data": data},
+    )
+    keep = ("LrScheduleHandler", "meddiff.handlers.GradientClipping")  # no checkpoint files, no logging
+    parser["train#handlers"] = [h for h in parser["train#handlers"] if h.get("_target_") in keep]
+    trainer = parser.get_parsed_content("train#trainer")
+    optimizer = parser.get_parsed_content("optimizer")
+    marks: dict[str, float] = {}
+    steps: list[dict[str, float]] = []
+
+    def mark(name: str) -> Callable[[Any], None]:
+        def _mark(_engine: Any) -> None:
+            marks[name] = time.perf_counter()
+
+        return _mark
+
+    def done(_engine: Any) -> None:
+        end = time.perf_counter()
+        steps.append(
+            {
+                "step": end - marks["start"],
+                "fwd": marks["loss"] - marks["start"],
+                "bwd": marks["backward"] - marks["loss"],
+                "opt": end - marks["backward"],
+            }
+        )
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, mark("start"))
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, mark("loss"))
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, mark("backward"))  # after GradientClipping
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, done)
+    trainer.run()
+    output = trainer.state.output
+    out = _train_summary(steps, cfg, batch, float((output[0] if isinstance(output, list) else output)["loss"]))
+    out["optimizer"] = {"class": type(optimizer).__name__, "fused": bool(optimizer.defaults.get("fused"))}
+    out["precision"], out["channels_last"] = parser["precision"], parser["channels_last"]
+    return out
+
+
+def _train_summary(steps: list[dict[str, float]], cfg: dict, batch: int, loss: float) -> dict:
+    measured = steps[cfg["train_warmup"] :]
+    step = _median([s["step"] for s in measured])
+    return {
+        "batch": batch,
+        "warmup_steps": cfg["train_warmup"],
+        "measured_steps": len(measured),
+        "step_s_median": step,
+        "step_s_all": [round(s["step"], 4) for s in steps],
+        "first_step_s": steps[0]["step"],
+        "fwd_s": _median([s["fwd"] for s in measured]),
+        "bwd_clip_s": _median([s["bwd"] for s in measured]),
+        "opt_s": _median([s["opt"] for s in measured]),
+        "images_per_s": batch / step,
+        "final_loss": loss,
+    }
+
+
+def sample_seed(job: dict, cfg: dict) -> dict:
+    """The seed's sampling loop: concat mask, UNet, strip, diffusers `scheduler.step` (DDIM-50 and DDPM-1000)."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    size, batch = job["size"], cfg["sample_batch"]
+    torch.manual_seed(0)
+    model = seed_network(size, cfg["net"]).eval()
+    mask = torch.stack([seed_mask(synthetic_pair(size, i)[1]) for i in range(batch)])
+
+    def run(scheduler: Any, n_steps: int | None, eta: float | None) -> tuple[float, list[float], list[float], Any]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, 1, size, size), generator=g)
+        step_s, fwd_s = [], []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for t in scheduler.timesteps[:n_steps]:
+                t0 = time.perf_counter()
+                eps = model(torch.cat([x, mask], dim=1), t).sample[:, :1]
+                t1 = time.perf_counter()
+                kwargs = {"eta": eta} if eta is not None else {}
+                x = scheduler.step(eps, t, x, generator=g, **kwargs).prev_sample
+                step_s.append(time.perf_counter() - t0)
+                fwd_s.append(t1 - t0)
+        return time.perf_counter() - start, step_s, fwd_s, x
+
+    ddim = DDIMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
+    ddim.set_timesteps(cfg["ddim_steps"])
+    run(ddim, cfg["warmup_steps"], 0.0)  # oneDNN primitive creation, first-touch allocation
+    total, step_s, fwd_s, x = run(ddim, None, 0.0)
+    ddpm = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
+    ddpm.set_timesteps(cfg["ddpm_steps"])
+    n_warm, n_meas = cfg["warmup_steps"], cfg["ddpm_measured_steps"]
+    _, ddpm_step_s, _, _ = run(ddpm, n_warm + n_meas, None)
+    return _sample_summary(cfg, batch, total, step_s, fwd_s, ddpm_step_s[n_warm:], bool(torch.isfinite(x).all()))
+
+
+def sample_meddiff(job: dict, cfg: dict) -> dict:
+    """The bundle's sampler: `meddiff.inferers.ConcatSamplingInferer` on the inference.json network."""
+    import torch
+
+    from meddiff.data.transforms import encode_mask
+    from meddiff.inferers import ConcatSamplingInferer
+    from meddiff.precision import cast_for_inference
+
+    size, batch = job["size"], cfg["sample_batch"]
+    fast = job["variant"] == "fast"
+    precision, channels_last = ("bf16", True) if fast else ("fp32", False)
+    torch.manual_seed(0)
+    network = bundle_network(cfg["net"]).eval()
+    cond = torch.stack([encode_mask(synthetic_pair(size, i)[1], NUM_CLASSES) for i in range(batch)])
+    pre: list[float] = []
+    post: list[float] = []
+    limit: list[int | None] = [None]
+
+    class _Stop(Exception):
+        pass
+
+    # closures, not bound methods: cast_for_inference deep-copies the network, hooks included
+    def pre_hook(_module: Any, _args: Any) -> None:
+        pre.append(time.perf_counter())
+
+    def post_hook(_module: Any, _args: Any, _out: Any) -> None:
+        post.append(time.perf_counter())
+        if limit[0] is not None and len(post) >= limit[0]:
+            raise _Stop
+
+    network.register_forward_pre_hook(pre_hook)
+    network.register_forward_hook(post_hook)
+
+    def inferer(sampler: str, steps: int) -> ConcatSamplingInferer:
+        return ConcatSamplingInferer(
+            out_channels=1,
+            sampler=sampler,
+            num_inference_steps=steps,
+            num_train_timesteps=TRAIN_TIMESTEPS,
+            precision=precision,
+            channels_last=channels_last,
+            seed=0,
+        )
+
+    inferer("ddim", cfg["warmup_steps"])(cond, network)  # warm-up
+    pre.clear(), post.clear()
+    start = time.perf_counter()
+    x = inferer("ddim", cfg["ddim_steps"])(cond, network)
+    total = time.perf_counter() - start
+    step_s = [b - a for a, b in zip(post[:-1], post[1:])]
+    fwd_s = [b - a for a, b in zip(pre, post)]
+    n_warm, n_meas = cfg["warmup_steps"], cfg["ddpm_measured_steps"]
+    pre.clear(), post.clear()
+    limit[0] = n_warm + n_meas + 1
+    try:
+        inferer("ddpm", cfg["ddpm_steps"])(cond, network)
+    except _Stop:
+        pass
+    ddpm_step_s = [b - a for a, b in zip(post[:-1], post[1:])][n_warm:]
+    limit[0] = None
+    t0 = time.perf_counter()
+    cast_for_inference(network, precision, channels_last)
+    cast_s = time.perf_counter() - t0
+    out = _sample_summary(cfg, batch, total, step_s, fwd_s, ddpm_step_s, bool(torch.isfinite(x).all()))
+    out["cast_for_inference_s"] = cast_s
+    out["precision"], out["channels_last"] = precision, channels_last
+    return out
+
+
+def _sample_summary(
+    cfg: dict, batch: int, total: float, step_s: list, fwd_s: list, ddpm_step_s: list, finite: bool
+) -> dict:
+    ddpm_step = _median(ddpm_step_s)
+    return {
+        "batch": batch,
+        "ddim_steps": cfg["ddim_steps"],
+        "ddim_total_s": total,
+        "ddim_s_per_image": total / batch,
+        "ddim_step_s_median": _median(step_s),
+        "forward_s_median": _median(fwd_s),
+        "ddpm_steps": cfg["ddpm_steps"],
+        "ddpm_step_s_median": ddpm_step,
+        "ddpm_step_s_all": [round(s, 4) for s in ddpm_step_s],
+        "ddpm_total_s": ddpm_step * cfg["ddpm_steps"],
+        "ddpm_s_per_image": ddpm_step * cfg["ddpm_steps"] / batch,
+        "ddpm_extrapolated_from_steps": len(ddpm_step_s),
+        "output_finite": finite,
+    }
+
+
+def peak_and_flops(job: dict, cfg: dict) -> dict:
+    """The machine's fp32 and bf16 matmul peaks, and the networks' FLOPs (counted on the meta device)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, reps = cfg["matmul_n"], cfg["matmul_reps"]
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        t = _median(times)
+        peaks[name] = {"n": n, "reps": reps, "median_s": t, "gflops": 2 * n**3 / t / 1e9}
+
+    def count(net: Any, in_ch: int, size: int, batch: int, backward: bool) -> float:
+        x = torch.randn(batch, in_ch, size, size, device="meta")
+        t = torch.zeros(batch, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            y = net(x, t)
+            y = y.sample if hasattr(y, "sample") else y
+            if backward:
+                y.float().pow(2).mean().backward()
+        return counter.get_total_flops() / 1e9
+
+    flops: dict[str, dict] = {"seed": {}, "meddiff": {}}
+    for size in cfg["sizes"]:
+        with torch.device("meta"):
+            nets = {"seed": (seed_network(size, cfg["net"]), 2), "meddiff": (bundle_network(cfg["net"]), NUM_CLASSES)}
+        for impl, (net, in_ch) in nets.items():
+            flops[impl]["params"] = sum(p.numel() for p in net.parameters())
+            flops[impl][str(size)] = {
+                "fwd_gflop_sample_batch": count(net, in_ch, size, cfg["sample_batch"], False),
+                "fwd_gflop_train_batch": count(net, in_ch, size, cfg["train_batch"], False),
+                "fwd_bwd_gflop_train_batch": count(net, in_ch, size, cfg["train_batch"], True),
+            }
+    return {"matmul": peaks, "flops": flops}
+
+
+def attention_check(job: dict, cfg: dict) -> dict:
+    """`use_flash_attention` True vs False in the bundle network: output difference and forward / train-step time."""
+    import torch
+
+    from meddiff.precision import autocast, cast_for_inference
+
+    size, reps = cfg["attention_size"], cfg["attention_reps"]
+    torch.manual_seed(0)
+    nets = {flag: bundle_network(cfg["net"], use_flash_attention=flag).eval() for flag in (True, False)}
+    nets[False].load_state_dict(nets[True].state_dict())
+    x = torch.randn(1, NUM_CLASSES, size, size)
+    t = torch.full((1,), 500, dtype=torch.long)
+    out: dict[str, Any] = {"size": size, "reps": reps}
+    with torch.no_grad():
+        ref = {flag: net(x, t) for flag, net in nets.items()}
+    out["fp32_max_abs_diff"] = float((ref[True] - ref[False]).abs().max())
+    for precision, cl in (("fp32", False), ("bf16", True)):
+        for flag, net in nets.items():
+            fast = cast_for_inference(net, precision, cl)
+            xin = x.to(next(fast.parameters()).dtype)
+            xin = xin.contiguous(memory_format=torch.channels_last) if cl else xin
+            times = []
+            with torch.no_grad():
+                for i in range(reps + 1):
+                    t0 = time.perf_counter()
+                    fast(xin, t)
+                    if i:
+                        times.append(time.perf_counter() - t0)
+            out[f"sample_fwd_{precision}{'_cl' if cl else ''}_flash_{flag}_s"] = _median(times)
+    tb = cfg["train_batch"]
+    xb = torch.randn(tb, NUM_CLASSES, size // 2, size // 2).contiguous(memory_format=torch.channels_last)
+    tt = torch.randint(0, TRAIN_TIMESTEPS, (tb,))
+    for flag, net in nets.items():
+        net.train().to(memory_format=torch.channels_last)
+        times = []
+        for i in range(max(reps - 2, 1) + 1):
+            t0 = time.perf_counter()
+            with autocast("cpu", "bf16"):
+                y = net(xb, timesteps=tt)
+            y.float().pow(2).mean().backward()
+            net.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[f"train_fwd_bwd_bf16_cl_{size // 2}px_b{tb}_flash_{flag}_s"] = _median(times)
+    return out
+
+
+WORKERS: dict[tuple[str, str], Callable[[dict, dict], dict]] = {
+    ("train", "seed"): train_seed,
+    ("train", "meddiff"): train_meddiff,
+    ("sample", "seed"): sample_seed,
+    ("sample", "meddiff"): sample_meddiff,
+    ("peak", "-"): peak_and_flops,
+    ("attention", "-"): attention_check,
+}
+
+
+def worker(jobs: list[dict], cfg: dict, result_path: str) -> None:
+    """Run `jobs` in this process and write their results as JSON to `result_path`."""
+    import torch
+
+    results = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        res = WORKERS[(job["kind"], job["impl"])](job, cfg)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        res.update(
+            {
+                "job": job,
+                "wall_s": time.perf_counter() - t0,
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                "torch_threads": torch.get_num_threads(),
+                "user_cpu_s": usage.ru_utime,
+                "system_cpu_s": usage.ru_stime,
+                "minor_page_faults": usage.ru_minflt,
+                **proc_memory_mib(),
+            }
+        )
+        results.append(res)
+    Path(result_path).write_text(json.dumps(results))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# orchestration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def job_list(cfg: dict) -> list[dict]:
+    """Every configuration, one subprocess each (in --quick, grouped by malloc setting)."""
+    jobs = [{"kind": "peak", "impl": "-", "variant": "-", "size": 0, "malloc": False, "name": "peak_flops"}]
+    for size in cfg["sizes"]:
+        train = [("seed", "fp32", False), ("meddiff", "fp32", False), ("meddiff", "fast", True)]
+        if size >= 128:  # the malloc trap needs tensors > 32 MiB: 128² batch 4 fp32 has them, 64² does not
+            train += [("seed", "fp32", True), ("meddiff", "fp32", True)]
+        sample = [("seed", "fp32", False), ("meddiff", "fp32", False), ("meddiff", "fast", True)]
+        for kind, variants in (("train", train), ("sample", sample)):
+            for impl, variant, malloc in variants:
+                suffix = "_malloc" if malloc and variant != "fast" else ""
+                name = f"{kind}_{size}_{impl}_{variant}{suffix}"
+                jobs.append(
+                    {"kind": kind, "impl": impl, "variant": variant, "size": size, "malloc": malloc, "name": name}
+                )
+    jobs.append({"kind": "attention", "impl": "-", "variant": "-", "size": 0, "malloc": False, "name": "attention"})
+    return jobs
+
+
+def run_jobs(jobs: list[dict], cfg: dict, malloc: bool) -> list[dict]:
+    """Run `jobs` in one fresh subprocess, with or without the glibc malloc setting."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["MEDDIFF_NO_REEXEC"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "shared"), env.get("PYTHONPATH")]))
+    if malloc:
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(jobs), "--cfg", json.dumps(cfg)]
+        busy0, child0, t0 = machine_busy_s(), _children_cpu_s(), time.perf_counter()
+        subprocess.run([*cmd, "--result", str(result)], env=env, check=True)
+        wall, own = time.perf_counter() - t0, _children_cpu_s() - child0
+        foreign = max(machine_busy_s() - busy0 - own, 0.0)
+        results = json.loads(result.read_text())
+    for r in results:  # CPU time other processes took while this subprocess ran: > ~5% means the timings are suspect
+        r["foreign_cpu_s"], r["foreign_cpu_fraction"] = foreign, foreign / (wall * (os.cpu_count() or 1))
+    return results
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0.0
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
+    """Wait (up to `max_wait_s`) until other processes use < `threshold` of the CPUs; return the last busy fraction."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        b0, c0, t0 = machine_busy_s(), _cpu_self_s(), time.perf_counter()
+        time.sleep(2.0)
+        frac = (machine_busy_s() - b0 - (_cpu_self_s() - c0)) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+        if frac < threshold or time.perf_counter() > deadline:
+            return frac
+        print(f"  machine busy ({100 * frac:.0f}% of CPUs used by other processes): waiting", flush=True)
+        time.sleep(10.0)
+
+
+def _cpu_self_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_info() -> dict:
+    """CPU, memory, library versions, date."""
+    import diffusers
+    import monai
+    import torch
+
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512f": "avx512f" in flags,
+        "memory_gib": round(mem_gib, 1),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "diffusers": diffusers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def summarize(raw: dict[str, dict], cfg: dict) -> dict:
+    """Attach FLOP/s and fractions of peak to each run, and compute the seed/meddiff ratios."""
+    peak = raw["peak_flops"]
+    p32, p16 = peak["matmul"]["fp32"]["gflops"], peak["matmul"]["bf16"]["gflops"]
+    flops = peak["flops"]
+    training: dict[str, dict] = {}
+    sampling: dict[str, dict] = {}
+    ratios: dict[str, dict] = {}
+    bar: dict[str, Any] = {"threshold": 2.0, "per_size": {}}
+    for size in cfg["sizes"]:
+        s = str(size)
+        tr = {k.split(f"train_{size}_", 1)[1]: v for k, v in raw.items() if k.startswith(f"train_{size}_")}
+        sa = {k.split(f"sample_{size}_", 1)[1]: v for k, v in raw.items() if k.startswith(f"sample_{size}_")}
+        for r in tr.values():
+            impl = r["job"]["impl"]
+            gf = flops[impl][s]["fwd_bwd_gflop_train_batch"] / (r["fwd_s"] + r["bwd_clip_s"])
+            ref = p16 if r["job"]["variant"] == "fast" else p32
+            r.update({"fwd_bwd_gflops": gf, "fraction_of_matching_matmul_peak": gf / ref})
+        for r in sa.values():
+            impl = r["job"]["impl"]
+            gf = flops[impl][s]["fwd_gflop_sample_batch"] / r["forward_s_median"]
+            r.update({"forward_gflops": gf, "fraction_of_fp32_peak": gf / p32, "fraction_of_bf16_peak": gf / p16})
+        training[s], sampling[s] = tr, sa
+        seed_t = tr["seed_fp32"]["step_s_median"]
+        rt = {
+            "seed_fp32 / meddiff_fp32": _ratio(seed_t, tr["meddiff_fp32"]["step_s_median"]),
+            "seed_fp32 / meddiff_fast": _ratio(seed_t, tr["meddiff_fast"]["step_s_median"]),
+        }
+        if "seed_fp32_malloc" in tr:
+            t_m = tr["seed_fp32_malloc"]["step_s_median"]
+            rt["seed_fp32_malloc / meddiff_fp32_malloc"] = _ratio(t_m, tr["meddiff_fp32_malloc"]["step_s_median"])
+            rt["seed_fp32_malloc / meddiff_fast"] = _ratio(t_m, tr["meddiff_fast"]["step_s_median"])
+        per_image = {k: v["ddim_s_per_image"] for k, v in sa.items()}
+        ddpm = {k: v["ddpm_s_per_image"] for k, v in sa.items()}
+        rs = {
+            "DDIM-50: seed_fp32 / meddiff_fp32": _ratio(per_image["seed_fp32"], per_image["meddiff_fp32"]),
+            "DDIM-50: seed_fp32 / meddiff_fast": _ratio(per_image["seed_fp32"], per_image["meddiff_fast"]),
+            "DDPM-1000: seed_fp32 / meddiff_fp32": _ratio(ddpm["seed_fp32"], ddpm["meddiff_fp32"]),
+            "DDPM-1000: seed_fp32 / meddiff_fast": _ratio(ddpm["seed_fp32"], ddpm["meddiff_fast"]),
+            "seed DDPM-1000 / meddiff_fast DDIM-50": _ratio(ddpm["seed_fp32"], per_image["meddiff_fast"]),
+        }
+        ratios[s] = {"training_step": rt, "sampling_per_image": rs}
+        bar["per_size"][s] = {
+            "seed_fp32_over_meddiff_fast": rt["seed_fp32 / meddiff_fast"],
+            "seed_fp32_malloc_over_meddiff_fast": rt.get("seed_fp32_malloc / meddiff_fast"),
+            "met": rt["seed_fp32 / meddiff_fast"] >= 2.0,
+        }
+    bar["met"] = all(v["met"] for v in bar["per_size"].values())
+    return {
+        "peak": {"fp32_matmul_gflops": p32, "bf16_matmul_gflops": p16, "matmul": peak["matmul"]},
+        "networks": flops,
+        "training": training,
+        "sampling": sampling,
+        "ratios": ratios,
+        "issue5_training_2x_bar": bar,
+        "attention": raw.get("attention"),
+    }
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def render_markdown(res: dict) -> str:
+    """The README tables for these results."""
+    cfg, m, pk = res["config"], res["machine"], res["peak"]
+    lines = [
+        f"Run {m['date']}: {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}), torch {m['torch']}, "
+        f"monai {m['monai']}, diffusers {m['diffusers']}; whole run {res['total_wall_s'] / 60:.1f} min. "
+        f"Network: {res['networks']['meddiff']['params']:,} params (bundle, 1 image + 3 one-hot mask channels in) vs "
+        f"{res['networks']['seed']['params']:,} (seed, 1 + 1 merged channel in).",
+        "",
+        f"**Training** (batch {cfg['train_batch']}; median of {'/'.join(map(str, cfg['train_steps'].values()))} "
+        f"steps after {cfg['train_warmup']} warm-up step; step = noise + forward + MSE + backward + clip + AdamW):",
+        "",
+        "| size | variant | s/step (fwd / bwd+clip / opt) | images/s | GFLOP/s (fwd+bwd) | % of matmul peak | "
+        "peak RSS MiB | seed fp32 ÷ this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "seed_fp32": "seed (diffusers, fp32)",
+        "seed_fp32_malloc": "seed fp32 + malloc setting",
+        "meddiff_fp32": "meddiff fp32 (bundle, fused AdamW)",
+        "meddiff_fp32_malloc": "meddiff fp32 + malloc setting",
+        "meddiff_fast": "**meddiff fast** (bf16 autocast + CL + fused AdamW + malloc)",
+    }
+    for s, tr in res["training"].items():
+        seed_t = tr["seed_fp32"]["step_s_median"]
+        for key in names:
+            if key not in tr:
+                continue
+            r = tr[key]
+            lines.append(
+                f"| {s}² | {names[key]} | {_f(r['step_s_median'])} ({_f(r['fwd_s'])} / {_f(r['bwd_clip_s'])} / "
+                f"{_f(r['opt_s'])}) | {_f(r['images_per_s'])} | {r['fwd_bwd_gflops']:.0f} | "
+                f"{100 * r['fraction_of_matching_matmul_peak']:.0f}% {'bf16' if 'fast' in key else 'fp32'} | "
+                f"{r['vmhwm_mib']:.0f} | **{_f(seed_t / r['step_s_median'])}** |"
+            )
+    bar = res["issue5_training_2x_bar"]
+    per = ", ".join(
+        f"{s}²: {_f(v['seed_fp32_over_meddiff_fast'])}×"
+        + (
+            f" ({_f(v['seed_fp32_malloc_over_meddiff_fast'])}× against the seed with the malloc setting)"
+            if v["seed_fp32_malloc_over_meddiff_fast"]
+            else ""
+        )
+        for s, v in bar["per_size"].items()
+    )
+    lines += [
+        "",
+        f"Issue 5 bar (training step ≥ 2× faster than the seed): **{'met' if bar['met'] else 'NOT met'}** — {per}.",
+        "",
+    ]
+    n_ddpm = next(iter(next(iter(res["sampling"].values())).values()))["ddpm_extrapolated_from_steps"]
+    lines += [
+        f"**Sampling** (batch {cfg['sample_batch']}, seconds per image; DDIM-{cfg['ddim_steps']} run in full; "
+        f"DDPM-{cfg['ddpm_steps']} **extrapolated** = median per-step time over {n_ddpm} steps of the real loop × "
+        f"{cfg['ddpm_steps']}):",
+        "",
+        "| size | variant | DDIM-50 s/image | s/step | DDPM-1000 s/image (extrap.) | fwd GFLOP/s | % fp32 peak | "
+        "% bf16 peak | peak RSS MiB | seed DDIM ÷ this DDIM | seed DDPM ÷ this DDPM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    snames = {
+        "seed_fp32": "seed (diffusers, fp32)",
+        "meddiff_fp32": "meddiff fp32",
+        "meddiff_fast": "**meddiff fast** (bf16 weights + CL + malloc)",
+    }
+    for s, sa in res["sampling"].items():
+        seed = sa["seed_fp32"]
+        for key, label in snames.items():
+            r = sa[key]
+            lines.append(
+                f"| {s}² | {label} | {_f(r['ddim_s_per_image'], 1)} | {_f(r['ddim_step_s_median'], 3)} | "
+                f"{_f(r['ddpm_s_per_image'], 0)} ({r['ddpm_s_per_image'] / 60:.1f} min) | {r['forward_gflops']:.0f} | "
+                f"{100 * r['fraction_of_fp32_peak']:.0f}% | {100 * r['fraction_of_bf16_peak']:.0f}% | "
+                f"{r['vmhwm_mib']:.0f} | **{_f(seed['ddim_s_per_image'] / r['ddim_s_per_image'])}** | "
+                f"{_f(seed['ddpm_s_per_image'] / r['ddpm_s_per_image'])} |"
+            )
+        fast = sa["meddiff_fast"]
+        lines.append(
+            f"| {s}² | seed DDPM-1000 ÷ meddiff fast DDIM-50 | | | | | | | | "
+            f"**{_f(seed['ddpm_s_per_image'] / fast['ddim_s_per_image'], 0)}×** | |"
+        )
+    lines += [
+        "",
+        f"Machine peaks measured in the same run: fp32 matmul {pk['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 matmul "
+        f"{pk['bf16_matmul_gflops']:.0f} GFLOP/s ({cfg['matmul_n']}³). FLOPs from `FlopCounterMode` (conv, matmul, "
+        "attention; GroupNorm/SiLU/adds not counted). Peak RSS = VmHWM of the configuration's own subprocess.",
+    ]
+    att = res.get("attention")
+    if att:
+        sz = att["size"]
+        lines += [
+            "",
+            f"`use_flash_attention` (bundle network, {sz}² b1 forward; training fwd+bwd at {sz // 2}² "
+            f"b{cfg['train_batch']}, bf16 autocast + CL): max |Δ| fp32 = {att['fp32_max_abs_diff']:.1e}; "
+            + "; ".join(
+                f"{k.replace('_flash_True_s', '')}: {att[k]:.3f} s on / {att[k.replace('True', 'False')]:.3f} s off"
+                for k in att
+                if k.endswith("_flash_True_s")
+            )
+            + ".",
+        ]
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    """Replace this benchmark's generated block in bench/README.md (other sections are left as they are)."""
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## SegGuidedDiff (breast MRI bundle) vs the seed: `bench/seg_guided.py`\n\n"
+        text += block + "\n"
+    tmp = README.with_name(f".{README.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, README)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --worker, one batch of its configurations)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny network, few steps: a smoke run (< 1 min)")
+    ap.add_argument("--out", default=None, help="result JSON (default bench/results/seg_guided[_quick].json)")
+    ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="before each configuration, wait up to this many seconds for "
+        "other processes to leave the CPUs idle (0: do not wait); CPU use by others is recorded either way",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker), json.loads(args.cfg), args.result)
+        return 0
+
+    sys.path.insert(0, str(REPO / "shared"))
+    from meddiff.io import save_json
+
+    cfg = QUICK if args.quick else FULL
+    out = Path(args.out) if args.out else RESULTS / ("seg_guided_quick.json" if args.quick else "seg_guided.json")
+    machine = machine_info()
+    start = time.perf_counter()
+    jobs = job_list(cfg)
+    raw: dict[str, dict] = {}
+    if args.quick:  # two processes (one per malloc setting) instead of one per configuration
+        batches = [[j for j in jobs if j["malloc"] == m] for m in (False, True)]
+    else:
+        batches = [[j] for j in jobs]
+    for batch in batches:
+        busy = wait_for_quiet(args.max_wait) if args.max_wait > 0 else None
+        t0 = time.perf_counter()
+        for r in run_jobs(batch, cfg, batch[0]["malloc"]):
+            r["foreign_cpu_fraction_before"] = busy
+            raw[r["job"]["name"]] = r
+        names = ", ".join(j["name"] for j in batch)
+        print(f"[{time.perf_counter() - start:6.0f} s] {names} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    res = {
+        "benchmark": "seg_guided",
+        "quick": args.quick,
+        "machine": machine,
+        "config": cfg,
+        "notes": {
+            "train_batch": f"training batch {cfg['train_batch']} for both sizes",
+            "sample_batch": f"sampling batch {cfg['sample_batch']}; seconds are per image",
+            "ddpm": "DDPM-1000 seconds are extrapolated: median per-step time of the real loop over "
+            "ddpm_extrapolated_from_steps steps (after warm-up) x 1000, for the seed and meddiff alike",
+            "meddiff_fp32": "the bundle's train.json trainer at precision fp32: make_adamw is its optimizer, so "
+            "fused AdamW is on in meddiff fp32 too",
+            "malloc": f"'fast' and '*_malloc' runs set GLIBC_TUNABLES={MALLOC_TUNABLES}; the others do not",
+            "peak_rss": "VmHWM of each configuration's own subprocess"
+            + (" (quick: shared processes, so cumulative)" if args.quick else ""),
+        },
+        **summarize(raw, cfg),
+    }
+    res["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    res["total_wall_s"] = time.perf_counter() - start
+    save_json(res, out)
+    table = render_markdown(res)
+    print(table)
+    if not args.quick and not args.no_readme:
+        update_readme(table)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

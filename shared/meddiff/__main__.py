@@ -1,0 +1,7 @@
+"""Run `python -m meddiff`."""
+
+import sys
+
+from meddiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,352 @@
+"""Segmentation ensembles: N masks per image from a latent-conditioned diffusion model, their writers and scores.
+
+- `EnsembleSamplingInferer`: ``inferer(image, network)`` runs all N members batched along the batch dimension
+  (one prior latent per member, one reverse process), so MONAI Label's bundle loader can drive it.
+- `EnsembleSegmentation`: every case of a split in the seed's layout -> N binary masks, the frequency map and
+  the majority mask as PNG, plus a grid.
+- `evaluate_ensembles`: GED, CI score and majority Dice per image and averaged, to JSON.
+- `DicomNoduleEnsembles`: a DICOM CT series and nodule centres -> NIfTI in the CT's geometry and a DICOM SEG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from tqdm import tqdm
+
+from meddiff.data.errors import DataError
+from meddiff.data.lidc import (
+    crop_plane,
+    find_lidc_cases,
+    load_lidc_cases,
+    paste_plane,
+    read_binary_mask,
+    window_to_uint8,
+)
+from meddiff.data.slices import resize_image, resize_label
+from meddiff.io import atomic_write, check_new_output, save_json, save_png
+from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
+from meddiff.precision import Precision, cast_for_inference, to_memory_format
+from meddiff.sampling import make_generator, sample
+from meddiff.schedulers import make_sampling_scheduler
+from meddiff.visualize import save_grid, to_rgb_tile
+
+__all__ = ["DicomNoduleEnsembles", "EnsembleSamplingInferer", "EnsembleSegmentation", "evaluate_ensembles"]
+
+MANIFEST = "ensembles.json"
+OUTPUTS = ("samples", "frequency", "majority")
+
+
+class EnsembleSamplingInferer(Inferer):
+    """Sample `num_samples` masks per input image with a `meddiff.networks.CIMDNetwork`.
+
+    `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets z ~ p(z | image_b) drawn once
+    and its own noise; all B * N members run as one batch through `meddiff.sampling.sample`. Each x_0 is
+    thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
+    ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
+    ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
+    ``seed`` and ``output`` can be overridden per call as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 16,
+        sampler: str = "ddim",
+        num_inference_steps: int = 25,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        seed: int | None = 0,
+        output: str = "frequency",
+        threshold: float = 0.0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        self.num_samples, self.sampler, self.num_inference_steps = num_samples, sampler, num_inference_steps
+        self.num_train_timesteps, self.schedule = num_train_timesteps, schedule
+        self.precision, self.channels_last = Precision(precision), channels_last
+        self.seed, self.output, self.threshold, self.progress = seed, output, threshold, progress
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Sample the ensembles of a batch of images and return them in the form `output` names."""
+        output = kwargs.get("output", self.output)
+        samples = self.sample_ensemble(torch.as_tensor(inputs), network, kwargs.get("seed", self.seed)).float()
+        if output == "samples":
+            return samples
+        frequency = samples.mean(dim=1, keepdim=True)
+        return frequency if output == "frequency" else (frequency > 0.5).float()
+
+    def sample_ensemble(self, inputs: torch.Tensor, network: torch.nn.Module, seed: int | None) -> torch.Tensor:
+        """The binary members (B, N, H, W) of every image's ensemble."""
+        scheduler, eta = make_sampling_scheduler(
+            self.sampler, self.num_inference_steps, self.num_train_timesteps, self.schedule
+        )
+        net = cast_for_inference(network, self.precision, self.channels_last)
+        net = getattr(net, "module", net).eval()
+        dtype, device = next(net.parameters()).dtype, inputs.device
+        batch, n = inputs.shape[0], self.num_samples
+        generator = make_generator(seed, device)
+        with torch.no_grad():
+            image = to_memory_format(inputs.float().to(dtype), self.channels_last)
+            latent = net.sample_prior(image, generator, num_samples=n)
+            image = image.repeat_interleave(n, dim=0)
+
+            def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return net(to_memory_format(x.to(dtype), self.channels_last), t, image=image, latent=latent)[0]
+
+            masks = sample(
+                denoise,
+                scheduler,
+                (batch * n, net.mask_channels, *inputs.shape[2:]),
+                device=device,
+                generator=generator,
+                eta=eta,
+                progress=self.progress,
+                desc=f"{self.sampler} x{n}",
+            )
+        return (masks[:, 0] > self.threshold).view(batch, n, *inputs.shape[2:])
+
+
+def _write_ensemble(samples: np.ndarray, folder: Path, overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Write N binary masks, the frequency map and the majority as PNG; return (frequency, majority)."""
+    for k, member in enumerate(samples):
+        save_png(member.astype(np.uint8) * 255, folder / f"sample_{k:02d}.png", overwrite)
+    frequency = samples.mean(axis=0)
+    majority = majority_mask(samples.astype(bool))
+    save_png(np.round(frequency * 255).astype(np.uint8), folder / "frequency.png", overwrite)
+    save_png(majority * 255, folder / "majority.png", overwrite)
+    return frequency, majority
+
+
+class EnsembleSegmentation:
+    """Sample an ensemble for every case of a split in the seed's layout and write it.
+
+    Writes ``<output_dir>/<case>/sample_XX.png`` (0/255), ``frequency.png`` (round(255 * fraction of members)),
+    ``majority.png`` (strictly more than half of the members), all at the case's own image size;
+    ``<output_dir>/ensembles.json`` (settings and cases) and `grid_file` (image, references, members, frequency).
+    Every output path is checked before sampling starts; nothing is overwritten unless `overwrite` is set.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: EnsembleSamplingInferer,
+        dataset_dir: str,
+        output_dir: str,
+        split: str = "testing",
+        img_size: int = 128,
+        num_raters: int = 4,
+        grid_file: str | None = None,
+        grid_size: int = 8,
+        seed: int = 0,
+        max_items: int | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.network, self.inferer, self.dataset_dir, self.output_dir = network, inferer, dataset_dir, Path(output_dir)
+        self.split, self.img_size, self.num_raters, self.seed = split, img_size, num_raters, seed
+        self.grid_file = Path(grid_file) if grid_file else self.output_dir / "grid.png"
+        self.grid_size, self.max_items, self.overwrite, self.progress = grid_size, max_items, overwrite, progress
+
+    def run(self) -> dict:
+        """Sample and write every case; return the manifest."""
+        cases = load_lidc_cases(self.dataset_dir, self.split, None, self.num_raters, progress=False)
+        cases = cases[: self.max_items] if self.max_items else cases
+        n = self.inferer.num_samples
+        names = [f"sample_{k:02d}.png" for k in range(n)] + ["frequency.png", "majority.png"]
+        for path in [self.output_dir / MANIFEST] + [self.output_dir / c["name"] / f for c in cases for f in names]:
+            check_new_output(path, self.overwrite)
+        device = next(self.network.parameters()).device
+        rows = []
+        for i, case in enumerate(tqdm(cases, desc="sampling ensembles", disable=not self.progress)):
+            image = torch.from_numpy(resize_image(case["image"], self.img_size))[None].to(device)
+            samples = self.inferer(image, self.network, seed=self.seed + i, output="samples")[0].cpu().numpy()
+            full = resize_label(samples.astype(np.int64), case["image"].shape[1:]).astype(bool)
+            frequency, _ = _write_ensemble(full, self.output_dir / case["name"], self.overwrite)
+            if i < self.grid_size:
+                refs = resize_label(case["label"].astype(np.int64), self.img_size)
+                row = [to_rgb_tile(image[0].cpu().numpy())]
+                row += [to_rgb_tile(m, (0.0, 1.0)) for m in (*refs, *samples, samples.mean(axis=0))]
+                rows.append(row)
+        if rows:
+            save_grid(rows, self.grid_file)
+        manifest = {
+            "cases": [c["name"] for c in cases],
+            "dataset_dir": str(self.dataset_dir),
+            "split": self.split,
+            "num_samples": n,
+            "sampler": self.inferer.sampler,
+            "num_inference_steps": self.inferer.num_inference_steps,
+            "seed": self.seed,
+            "img_size": self.img_size,
+        }
+        save_json(manifest, self.output_dir / MANIFEST, overwrite=self.overwrite)
+        return manifest
+
+
+def evaluate_ensembles(
+    ensemble_dir: str,
+    dataset_dir: str,
+    metrics_file: str,
+    split: str = "testing",
+    num_raters: int = 4,
+    overwrite: bool = True,
+) -> dict:
+    """Score written ensembles against the raters' masks: GED, CI score (and parts), majority Dice; write JSON.
+
+    Per image: ``ged`` is D²_GED (Kohl et al. 2018, d = 1 - IoU) between the N members and the R references;
+    ``s_c``, ``d_max``, ``d_a``, ``ci``, ``ci_cimd`` from `meddiff.metrics.ci_score`; ``dice_majority`` is the
+    Dice of the members' majority against the references' majority (strictly more than half, so 3 of 4 raters).
+    ``mean`` averages each over the images.
+    """
+    root = Path(ensemble_dir)
+    check_new_output(metrics_file, overwrite)
+    if not (root / MANIFEST).is_file():
+        raise DataError(f"{root / MANIFEST} does not exist: run inference into {root} before evaluating it.")
+    manifest = json.loads((root / MANIFEST).read_text())
+    per_image = {}
+    for case in find_lidc_cases(dataset_dir, split, num_raters):
+        if case["name"] not in manifest["cases"]:
+            raise DataError(f"{root} has no ensemble for case {case['name']} of {dataset_dir}: run inference on it.")
+        refs = np.stack([read_binary_mask(p) for p in case["label"]])
+        members = np.stack(
+            [read_binary_mask(root / case["name"] / f"sample_{k:02d}.png") for k in range(manifest["num_samples"])]
+        )
+        scores = {"ged": generalized_energy_distance(members, refs), **ci_score(members, refs)}
+        scores["dice_majority"] = dice(majority_mask(members), majority_mask(refs))
+        per_image[case["name"]] = scores
+    keys = next(iter(per_image.values())).keys()
+    metrics = {
+        "num_images": len(per_image),
+        "num_samples": manifest["num_samples"],
+        "sampler": manifest["sampler"],
+        "num_inference_steps": manifest["num_inference_steps"],
+        "mean": {k: float(np.mean([s[k] for s in per_image.values()])) for k in keys},
+        "per_image": per_image,
+    }
+    save_json(metrics, metrics_file, overwrite=overwrite)
+    return metrics
+
+
+class DicomNoduleEnsembles:
+    """Segment nodules of a DICOM CT series as ensembles, given their centres; write NIfTI and DICOM SEG.
+
+    `centres` are (x, y, z): in ``centre_space="voxel"`` SimpleITK indices (column, row, slice in ascending
+    position along the slice normal, the order `meddiff.dicom.read_series` gives), in ``"patient"`` millimetres in
+    DICOM patient coordinates (LPS). Around each centre a `crop_size` square on its axial slice is resampled to
+    `crop_spacing_mm` (None keeps the pixel spacing), windowed from `hu_window` to 0..255 like the training crops
+    and resized to `img_size`. Per nodule ``<output_dir>/nodule_XX/`` gets ``majority.nii.gz`` (uint8) and
+    ``frequency.nii.gz`` (float32) on the CT's grid, ``samples.nii.gz`` (4D: the N members on the nodule's slice)
+    and ``seg.dcm``, a DICOM SEG referencing the series with one segment for the majority and one per threshold
+    in `frequency_thresholds` (frequency >= t).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: EnsembleSamplingInferer,
+        dicom_dir: str,
+        centres: Sequence[Sequence[float]],
+        output_dir: str,
+        centre_space: str = "voxel",
+        img_size: int = 128,
+        crop_size: int = 128,
+        crop_spacing_mm: float | None = 0.5,
+        hu_window: Sequence[float] = (-1024.0, 2000.0),
+        frequency_thresholds: Sequence[float] = (0.25, 0.75),
+        seed: int = 0,
+        overwrite: bool = False,
+    ) -> None:
+        if centre_space not in ("voxel", "patient"):
+            raise ValueError(f"centre_space must be 'voxel' or 'patient', got {centre_space!r}.")
+        self.network, self.inferer, self.dicom_dir, self.output_dir = network, inferer, dicom_dir, Path(output_dir)
+        self.centres, self.centre_space = [tuple(float(v) for v in c) for c in centres], centre_space
+        self.img_size, self.crop_size, self.crop_spacing_mm = img_size, crop_size, crop_spacing_mm
+        self.hu_window, self.frequency_thresholds = tuple(hu_window), tuple(frequency_thresholds)
+        self.seed, self.overwrite = seed, overwrite
+
+    def _index(self, image: Any, centre: tuple[float, ...]) -> tuple[float, float, int]:
+        """(row, col, slice) of a centre, checked to lie inside the volume."""
+        if len(centre) != 3:
+            raise ValueError(f"nodule centre {list(centre)} must have 3 coordinates (x, y, z).")
+        x, y, z = image.TransformPhysicalPointToContinuousIndex(centre) if self.centre_space == "patient" else centre
+        size = image.GetSize()
+        if not all(-0.5 <= v < s - 0.5 for v, s in zip((x, y, z), size)):
+            raise ValueError(
+                f"nodule centre {list(centre)} ({self.centre_space}) is outside the series in {self.dicom_dir} "
+                f"(index {[round(v, 1) for v in (x, y, z)]}, size {list(size)}); check centre_space."
+            )
+        return y, x, int(round(z))
+
+    def run(self) -> list[dict]:
+        """Segment every nodule and write its files; return one record per nodule."""
+        import SimpleITK as sitk
+
+        from meddiff import __version__
+        from meddiff.dicom import NODULE_CODES, read_series, write_like, write_seg
+
+        if not self.centres:
+            raise ValueError("no nodule centres given: pass nodule_centres as [[x, y, z], ...].")
+        image = read_series(self.dicom_dir)
+        indices = [self._index(image, c) for c in self.centres]
+        names = ("majority.nii.gz", "frequency.nii.gz", "samples.nii.gz", "seg.dcm")
+        check_new_output(self.output_dir / "nodules.json", self.overwrite)
+        for j in range(len(indices)):
+            for name in names:
+                check_new_output(self.output_dir / f"nodule_{j:02d}" / name, self.overwrite)
+        hu = sitk.GetArrayViewFromImage(image)
+        spacing_x, spacing_y = image.GetSpacing()[:2]
+        target = self.crop_spacing_mm
+        step = (target / spacing_y, target / spacing_x) if target else (1.0, 1.0)
+        device = next(self.network.parameters()).device
+        records = []
+        for j, (row, col, k) in enumerate(tqdm(indices, desc="nodules")):
+            crop = crop_plane(hu[k], (row, col), self.crop_size, step, order=1, cval=float(self.hu_window[0]))
+            crop = window_to_uint8(crop, self.hu_window).astype(np.float32)[None] / 127.5 - 1.0
+            tensor = torch.from_numpy(resize_image(crop, self.img_size))[None].to(device)
+            samples = self.inferer(tensor, self.network, seed=self.seed + j, output="samples")[0].cpu().numpy()
+            plane = paste_plane(samples.astype(np.uint8), hu.shape[1:], (row, col), self.crop_size, step)
+            frequency = np.zeros(hu.shape, np.float32)
+            frequency[k] = plane.mean(axis=0)
+            majority = np.zeros(hu.shape, np.uint8)
+            majority[k] = majority_mask(plane.astype(bool))
+            folder = self.output_dir / f"nodule_{j:02d}"
+            write_like(majority, image, folder / "majority.nii.gz", self.overwrite)
+            write_like(frequency, image, folder / "frequency.nii.gz", self.overwrite)
+            members = [sitk.GetImageFromArray(m[None]) for m in plane]
+            for m in members:
+                m.CopyInformation(image[:, :, k : k + 1])
+            atomic_write(
+                folder / "samples.nii.gz",
+                lambda tmp, s=sitk.JoinSeries(members): sitk.WriteImage(s, tmp, True),
+                self.overwrite,
+            )
+            segments = {
+                "majority": majority,
+                **{f"frequency >= {t:g}": frequency >= t for t in self.frequency_thresholds},
+            }
+            write_seg(
+                segments,
+                self.dicom_dir,
+                folder / "seg.dcm",
+                algorithm_name="CIMD ensemble",
+                algorithm_version=__version__,
+                series_description=f"CIMD nodule {j} ({self.inferer.num_samples} samples)",
+                segment_codes=NODULE_CODES,
+            )
+            records.append(
+                {"nodule": j, "centre": list(self.centres[j]), "index": [col, row, k], "folder": str(folder)}
+            )
+        save_json(records, self.output_dir / "nodules.json", overwrite=self.overwrite)
+        return records
