@@ -110,8 +110,15 @@ def test_training_stops_before_work_on_bad_input(tmp_path: Path) -> None:
     mask[0, 0] = 9
     img_dir, seg_dir = write_pngs(tmp_path / "data", {"a.png": mask})
     with pytest.raises(RuntimeError) as info:
-        run_bundle(BUNDLE, "training", ["train.json"], bundle_root=str(tmp_path), img_dir=str(img_dir),
-                   seg_dir=str(seg_dir), img_size=16)
+        run_bundle(
+            BUNDLE,
+            "training",
+            ["train.json"],
+            bundle_root=str(tmp_path),
+            img_dir=str(img_dir),
+            seg_dir=str(seg_dir),
+            img_size=16,
+        )
     assert "outside 0..3" in repr(info.value.__cause__) or "outside 0..3" in str(info.value)
     assert not (tmp_path / "models").exists()
 

@@ -35,7 +35,9 @@ def test_random_ablation_is_per_sample_bernoulli() -> None:
     assert (RandClassAblationd("mask", prob=1.0)({"mask": encoded})["mask"] == ABSENT_VALUE).all()
     transform = RandClassAblationd("mask", prob=0.5)
     transform.set_random_state(0)
-    draws = np.array([(transform({"mask": encoded})["mask"] == ABSENT_VALUE).flatten(1).all(1).numpy() for _ in range(400)])
+    draws = np.array(
+        [(transform({"mask": encoded})["mask"] == ABSENT_VALUE).flatten(1).all(1).numpy() for _ in range(400)]
+    )
     assert abs(draws.mean() - 0.5) < 0.06  # each class removed with probability 1/2 ...
     subsets = {tuple(d) for d in draws}
     assert len(subsets) == 8  # ... and all 2^3 subsets occur, drawn per sample
@@ -56,8 +58,15 @@ def tiny_net() -> DiffusionModelUNet:
     """A 2-level DiffusionModelUNet for 1 image channel + 3 mask channels."""
     torch.manual_seed(0)
     return DiffusionModelUNet(
-        spatial_dims=2, in_channels=4, out_channels=1, channels=(8, 16), attention_levels=(False, True),
-        num_res_blocks=1, norm_num_groups=8, num_head_channels=8, use_flash_attention=True,
+        spatial_dims=2,
+        in_channels=4,
+        out_channels=1,
+        channels=(8, 16),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_head_channels=8,
+        use_flash_attention=True,
     ).eval()
 
 

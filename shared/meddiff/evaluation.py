@@ -7,16 +7,19 @@ import torch
 
 from meddiff.data.layouts import load_slices
 from meddiff.io import save_json
+from meddiff.precision import autocast
 
 __all__ = ["evaluate_mask_conditioned_generation", "segment"]
 
 
-def segment(segmenter: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def segment(
+    segmenter: torch.nn.Module, images: np.ndarray, batch_size: int = 16, precision: str = "fp32"
+) -> np.ndarray:
     """Argmax class maps (N,H,W) of a segmentation network on images (N,C,H,W) in [-1,1]."""
     device = next(segmenter.parameters()).device
     segmenter.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(images), batch_size):
             batch = torch.as_tensor(images[start : start + batch_size], dtype=torch.float32, device=device)
             out.append(segmenter(batch).argmax(dim=1).cpu().numpy())
@@ -32,6 +35,7 @@ def evaluate_mask_conditioned_generation(
     real_slices: list[dict] | None = None,
     num_img_channels: int = 1,
     fid_weights: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Compute FID (real vs generated), MS-SSIM diversity and faithfulness Dice, write them as JSON, return them.
 
@@ -59,7 +63,7 @@ def evaluate_mask_conditioned_generation(
     gen_images = np.stack([s["image"] for s in generated])
     gen_labels = np.stack([s["label"][0] for s in generated])
     metrics: dict = {"num_generated": len(generated)}
-    gen_pred = segment(segmenter, gen_images)
+    gen_pred = segment(segmenter, gen_images, precision=precision)
     metrics["faithfulness_dice"] = mean_class_dice(gen_pred, gen_labels, num_classes)
     if len(gen_images) >= 2:
         metrics["ms_ssim_diversity"] = ms_ssim_diversity(torch.from_numpy(gen_images))
@@ -67,9 +71,13 @@ def evaluate_mask_conditioned_generation(
         real_images = np.stack([s["image"] for s in real_slices])
         real_labels = np.stack([s["label"][0] for s in real_slices])
         metrics["num_real"] = len(real_slices)
-        metrics["real_segmenter_dice"] = mean_class_dice(segment(segmenter, real_images), real_labels, num_classes)
+        metrics["real_segmenter_dice"] = mean_class_dice(
+            segment(segmenter, real_images, precision=precision), real_labels, num_classes
+        )
         if len(real_images) >= 2 and len(gen_images) >= 2:
-            features = InceptionFeatures(weights_path=fid_weights).to(next(segmenter.parameters()).device)
+            device = next(segmenter.parameters()).device
+            features = InceptionFeatures(weights_path=fid_weights).to(device)
+            # FID stays in fp32 whatever `precision` is: it is only comparable across papers that way
             metrics["fid"] = frechet_inception_distance(
                 features(torch.from_numpy(real_images)), features(torch.from_numpy(gen_images))
             )

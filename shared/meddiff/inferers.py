@@ -12,7 +12,7 @@ import torch
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import Scheduler
 
-from meddiff.precision import Precision, autocast, cast_for_inference, to_memory_format
+from meddiff.precision import autocast, cast_for_inference, check_precision, to_memory_format
 from meddiff.sampling import Denoiser, make_generator, sample
 from meddiff.schedulers import make_sampling_scheduler
 
@@ -28,7 +28,7 @@ class PrecisionDiffusionInferer(DiffusionInferer):
 
     def __init__(self, scheduler: Scheduler, precision: str = "fp32", channels_last: bool = False) -> None:
         super().__init__(scheduler)
-        self.precision, self.channels_last = Precision(precision), channels_last
+        self.precision, self.channels_last = check_precision(precision), channels_last
 
     def __call__(  # type: ignore[override]
         self,
@@ -87,7 +87,7 @@ class ConcatSamplingInferer(Inferer):
     ) -> None:
         super().__init__()
         self.out_channels, self.seed, self.progress = out_channels, seed, progress
-        self.precision, self.channels_last = Precision(precision), channels_last
+        self.precision, self.channels_last = check_precision(precision), channels_last
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
         self.num_train_timesteps, self.schedule = num_train_timesteps, schedule
 

@@ -30,8 +30,14 @@ def make_phantom_volume(
     breast = ((x - size / 2) / a) ** 2 + ((y - size) / b) ** 2 + ((z - depth / 2) / (depth * 0.7)) ** 2 <= 1.0
     label = breast.astype(np.uint8)
     _, blobs = create_test_image_3d(
-        size, size, depth, num_objs=12, rad_max=max(2, min(size // 8, (depth - 1) // 2)), rad_min=1,
-        num_seg_classes=1, random_state=rng,
+        size,
+        size,
+        depth,
+        num_objs=12,
+        rad_max=max(2, min(size // 8, (depth - 1) // 2)),
+        rad_min=1,
+        num_seg_classes=1,
+        random_state=rng,
     )
     shrunk = ((x - size / 2) / (a * 0.8)) ** 2 + ((y - size) / (b * 0.8)) ** 2 <= 1.0
     label[(blobs > 0) & breast & shrunk] = 3
