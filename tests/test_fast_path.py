@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from monai.networks.nets import UNet
+from test_breast_mri_bundle import BUNDLE, TINY
 
 from meddiff.data import encode_mask, load_slices
 from meddiff.demo import run_bundle
@@ -15,7 +16,6 @@ from meddiff.evaluation import segment
 from meddiff.inferers import ConcatSamplingInferer
 from meddiff.metrics import mean_class_dice
 from meddiff.precision import autocast, cast_for_inference, resolve_precision
-from test_breast_mri_bundle import BUNDLE, TINY
 
 # Tolerances, stated: on the same weights and seed, bf16 sampling may move a pixel of a [-1, 1] image by a mean of
 # at most 0.05, and the faithfulness Dice may move by at most twice its spread over fp32 seeds (or 0.05).

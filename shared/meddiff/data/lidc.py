@@ -150,6 +150,12 @@ def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.round(np.clip((np.asarray(hu, np.float32) - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _crop_origin(centre: tuple[float, float], size: int, step: tuple[float, float]) -> np.ndarray:
+    """Plane coordinates of a crop's first pixel; on the pixel grid when the step is 1, so crops copy pixels."""
+    origin = np.asarray(centre, np.float64) - (size - 1) / 2.0 * np.asarray(step, np.float64)
+    return np.where(np.asarray(step) == 1.0, np.round(origin), origin)
+
+
 def crop_plane(
     plane: np.ndarray,
     centre: tuple[float, float],
@@ -163,8 +169,10 @@ def crop_plane(
     A step of 1 copies pixels; another step resamples (e.g. target spacing / pixel spacing). Samples outside the
     array take `cval`; `order` 1 is bilinear (images), 0 nearest neighbour (masks).
     """
-    offsets = np.arange(size) - (size - 1) / 2.0
-    rows, cols = np.meshgrid(centre[0] + offsets * step[0], centre[1] + offsets * step[1], indexing="ij")
+    origin = _crop_origin(centre, size, step)
+    rows, cols = np.meshgrid(
+        origin[0] + np.arange(size) * step[0], origin[1] + np.arange(size) * step[1], indexing="ij"
+    )
     return ndimage.map_coordinates(plane, [rows, cols], order=order, mode="constant", cval=cval)
 
 
@@ -175,13 +183,13 @@ def paste_plane(
 
     The crops may have been resized to S != size. Nearest neighbour; pixels outside the crop are 0.
     """
-    scale = crops.shape[-1] / size
+    origin, scale = _crop_origin(centre, size, step), crops.shape[-1] / size
     rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    u = ((rows - centre[0]) / step[0] + (size - 1) / 2.0 + 0.5) * scale - 0.5
-    v = ((cols - centre[1]) / step[1] + (size - 1) / 2.0 + 0.5) * scale - 0.5
+    u = ((rows - origin[0]) / step[0] + 0.5) * scale - 0.5
+    v = ((cols - origin[1]) / step[1] + 0.5) * scale - 0.5
     inside = (u > -0.5) & (u < crops.shape[-2] - 0.5) & (v > -0.5) & (v < crops.shape[-1] - 0.5)
-    ui = np.clip(np.round(u), 0, crops.shape[-2] - 1).astype(int)
-    vi = np.clip(np.round(v), 0, crops.shape[-1] - 1).astype(int)
+    ui = np.clip(np.floor(u + 0.5), 0, crops.shape[-2] - 1).astype(int)
+    vi = np.clip(np.floor(v + 0.5), 0, crops.shape[-1] - 1).astype(int)
     return np.where(inside[None], crops[:, ui, vi], 0).astype(crops.dtype)
 
 
