@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MEDDIFF_NO_REEXEC", "1")
 
@@ -28,3 +29,22 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from meddiff.data.phantoms import make_phantom_dataset
 
     return make_phantom_dataset(str(tmp_path_factory.mktemp("phantoms")), num_train=3, num_test=1, size=32, depth=8)
+
+
+def tiny_diffusion_unet(in_channels: int = 4, out_channels: int = 1) -> torch.nn.Module:
+    """The tiny DiffusionModelUNet the bundle tests train (channels 8, 16; attention at the second level)."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(0)
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=(8, 16),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_head_channels=8,
+        norm_eps=1e-5,
+        use_flash_attention=True,
+    ).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from conftest import tiny_diffusion_unet
 
 from meddiff.data import ABSENT_VALUE, EncodeMaskd, RandClassAblationd, decode_mask, encode_mask
 from meddiff.inferers import ConcatSamplingInferer
@@ -54,24 +54,8 @@ def test_ddpm_full_chain_and_respaced() -> None:
         make_sampling_scheduler("ddim", 0)
 
 
-def tiny_net() -> DiffusionModelUNet:
-    """A 2-level DiffusionModelUNet for 1 image channel + 3 mask channels."""
-    torch.manual_seed(0)
-    return DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=4,
-        out_channels=1,
-        channels=(8, 16),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        num_head_channels=8,
-        use_flash_attention=True,
-    ).eval()
-
-
 def test_ddim_is_deterministic_with_a_seed() -> None:
-    net, cond = tiny_net(), encode_mask(np.eye(16, dtype=int) * 2, 4)[None].repeat(2, 1, 1, 1)
+    net, cond = tiny_diffusion_unet(), encode_mask(np.eye(16, dtype=int) * 2, 4)[None].repeat(2, 1, 1, 1)
     inferer = ConcatSamplingInferer(out_channels=1, num_inference_steps=5, seed=7)
     a, b = inferer(cond, net), inferer(cond, net)
     assert a.shape == (2, 1, 16, 16) and torch.equal(a, b)
@@ -82,7 +66,7 @@ def test_ddim_is_deterministic_with_a_seed() -> None:
 
 
 def test_bf16_sampling_close_to_fp32() -> None:
-    net, cond = tiny_net(), encode_mask(np.eye(16, dtype=int), 4)[None]
+    net, cond = tiny_diffusion_unet(), encode_mask(np.eye(16, dtype=int), 4)[None]
     fp32 = ConcatSamplingInferer(num_inference_steps=5, seed=3)(cond, net)
     fast = ConcatSamplingInferer(num_inference_steps=5, seed=3, precision="bf16", channels_last=True)(cond, net)
     assert next(net.parameters()).dtype == torch.float32  # the caller's network is left untouched

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_diffusion_unet
 from monai.networks.nets import UNet
 from test_breast_mri_bundle import BUNDLE, TINY
 
@@ -40,20 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> tupl
 
 def load_networks(root: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The trained diffusion network and segmenter."""
-    from monai.networks.nets import DiffusionModelUNet
-
-    net = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=4,
-        out_channels=1,
-        channels=(8, 16),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        num_head_channels=8,
-        norm_eps=1e-5,
-        use_flash_attention=True,
-    )
+    net = tiny_diffusion_unet()
     net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     seg = UNet(2, 1, 4, (16, 32, 64, 128), (2, 2, 2), num_res_units=2)
     seg.load_state_dict(torch.load(root / "models" / "segmenter.pt", weights_only=True))

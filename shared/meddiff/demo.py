@@ -25,7 +25,12 @@ def bundles_dir() -> Path:
     raise FileNotFoundError("bundles/ not found: run from the meddiff checkout or install it with `pip install -e .`.")
 
 
-def run_bundle(bundle_dir: str | Path, run_id: str, configs: list[str], **overrides: Any) -> None:
+QUIET_LOGGING = Path(__file__).with_name("quiet_logging.conf")
+
+
+def run_bundle(
+    bundle_dir: str | Path, run_id: str, configs: list[str], logging_file: str | None = None, **overrides: Any
+) -> None:
     """Run `run_id` of a bundle with the named config files merged in order, as `python -m monai.bundle run` does."""
     from monai.bundle import run
 
@@ -34,7 +39,7 @@ def run_bundle(bundle_dir: str | Path, run_id: str, configs: list[str], **overri
         run_id=run_id,
         config_file=[str(bundle_dir / "configs" / name) for name in configs],
         meta_file=str(bundle_dir / "configs" / "metadata.json"),
-        logging_file=str(bundle_dir / "configs" / "logging.conf"),
+        logging_file=logging_file or str(bundle_dir / "configs" / "logging.conf"),
         **overrides,
     )
 
@@ -65,7 +70,12 @@ def run_demo(
         dataset_dir = str(maker(str(out / "demo_data")))
     elif not Path(dataset_dir).is_dir():
         raise DataError(f"dataset_dir {dataset_dir} does not exist.")
-    settings = {"bundle_root": str(out), "dataset_dir": str(dataset_dir), **overrides}
+    settings = {
+        "bundle_root": str(out),
+        "dataset_dir": str(dataset_dir),
+        "logging_file": str(QUIET_LOGGING),
+        **overrides,
+    }
     run_bundle(bundle_dir, "training", ["train.json", "demo.json"], **settings)
     run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **settings)
     run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **settings)
