@@ -1,0 +1,70 @@
+"""Every bundle follows the model-zoo conventions: files, valid metadata, configs that parse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SHARED
+from monai.bundle import ConfigParser
+
+from meddiff.demo import bundles_dir
+
+BUNDLES = sorted(p for p in bundles_dir().iterdir() if (p / "configs" / "metadata.json").is_file())
+REQUIRED = [
+    "configs/metadata.json",
+    "configs/train.json",
+    "configs/inference.json",
+    "configs/evaluate.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "docs/README.md",
+    "LICENSE",
+]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_bundle_files(bundle: Path) -> None:
+    missing = [name for name in REQUIRED if not (bundle / name).is_file()]
+    assert not missing, f"{bundle.name} lacks {missing}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_metadata_is_valid(bundle: Path) -> None:
+    schema_file = SHARED / "docs" / "meta_schema_20240725.json"
+    if not schema_file.is_file():
+        pytest.skip("the metadata schema lives in ../shared/docs, absent in a fresh clone")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(schema_file))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert list(meta["network_data_format"]["inputs"])[0] == "image"
+    assert list(meta["network_data_format"]["outputs"])[0] == "pred"
+    assert "not to be used for diagnostic" in meta["intended_use"].lower() or "research" in meta["intended_use"].lower()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_configs_define_the_standard_ids(bundle: Path) -> None:
+    train = ConfigParser()
+    train.read_config(str(bundle / "configs" / "train.json"))
+    for key in (
+        "bundle_root",
+        "device",
+        "dataset_dir",
+        "network_def",
+        "network",
+        "train#trainer",
+        "train#trainer#max_epochs",
+        "train#dataset#data",
+        "train#handlers",
+        "training",
+    ):
+        assert key in train, f"{bundle.name}/configs/train.json lacks {key}"
+    inference = ConfigParser()
+    inference.read_config(str(bundle / "configs" / "inference.json"))
+    for key in ("bundle_root", "device", "network_def", "network", "inferer", "run"):
+        assert key in inference, f"{bundle.name}/configs/inference.json lacks {key}"
+    imports = inference["imports"]
+    assert "$import meddiff" in imports
