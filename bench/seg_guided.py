@@ -38,7 +38,7 @@ TRAIN_TIMESTEPS = 1000
 FULL: dict[str, Any] = {
     "sizes": [64, 128],
     "train_batch": 4,
-    "train_warmup": 1,
+    "train_warmup": 2,
     "train_steps": {"64": 5, "128": 3},
     "sample_batch": 1,
     "ddim_steps": 50,
@@ -406,18 +406,33 @@ def peak_and_flops(job: dict, cfg: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     n, reps = cfg["matmul_n"], cfg["matmul_reps"]
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+    def ceiling(fn: Callable[[], Any], gflop: float) -> dict[str, float]:
         for _ in range(3):
-            a @ b
+            fn()
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            a @ b
+            fn()
             times.append(time.perf_counter() - t0)
-        t = _median(times)
-        peaks[name] = {"n": n, "reps": reps, "median_s": t, "gflops": 2 * n**3 / t / 1e9}
+        # the ceiling is the best repeat; the median is kept to show the spread
+        return {"reps": reps, "best_s": min(times), "median_s": _median(times), "gflops": gflop / min(times)}
+
+    peaks: dict[str, dict] = {"matmul": {}, "conv": {}}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        peaks["matmul"][name] = {"n": n, **ceiling(lambda a=a, b=b: a @ b, 2 * n**3 / 1e9)}
+    # a level-1 resnet conv of the UNet at 128² input (3x3, 128->128 channels, 64² pixels, the training batch)
+    cb, cc, cs = cfg["train_batch"], 128 if cfg["net"] == "paper" else 32, cfg["sizes"][-1] // 2
+    conv_gflop = 2 * cb * cc * cc * 9 * cs * cs / 1e9
+    for name, dtype, fmt in (
+        ("fp32", torch.float32, torch.contiguous_format),
+        ("bf16_channels_last", torch.bfloat16, torch.channels_last),
+    ):
+        conv = torch.nn.Conv2d(cc, cc, 3, padding=1).to(dtype=dtype, memory_format=fmt).eval()
+        x = torch.randn(cb, cc, cs, cs, dtype=dtype).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            peaks["conv"][name] = {"shape": [cb, cc, cs, cs], **ceiling(lambda conv=conv, x=x: conv(x), conv_gflop)}
 
     def count(net: Any, in_ch: int, size: int, batch: int, backward: bool) -> float:
         x = torch.randn(batch, in_ch, size, size, device="meta")
@@ -440,7 +455,7 @@ def peak_and_flops(job: dict, cfg: dict) -> dict:
                 "fwd_gflop_train_batch": count(net, in_ch, size, cfg["train_batch"], False),
                 "fwd_bwd_gflop_train_batch": count(net, in_ch, size, cfg["train_batch"], True),
             }
-    return {"matmul": peaks, "flops": flops}
+    return {**peaks, "flops": flops}
 
 
 def attention_check(job: dict, cfg: dict) -> dict:
@@ -452,13 +467,20 @@ def attention_check(job: dict, cfg: dict) -> dict:
     size, reps = cfg["attention_size"], cfg["attention_reps"]
     torch.manual_seed(0)
     nets = {flag: bundle_network(cfg["net"], use_flash_attention=flag).eval() for flag in (True, False)}
+    with torch.no_grad():  # MONAI zero-initialises the output convs (the output is 0): give every weight a value
+        for p in nets[True].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     nets[False].load_state_dict(nets[True].state_dict())
+    out_attn = [m for m in nets[True].modules() if type(m).__name__ == "SABlock"]
     x = torch.randn(1, NUM_CLASSES, size, size)
     t = torch.full((1,), 500, dtype=torch.long)
     out: dict[str, Any] = {"size": size, "reps": reps}
     with torch.no_grad():
         ref = {flag: net(x, t) for flag, net in nets.items()}
     out["fp32_max_abs_diff"] = float((ref[True] - ref[False]).abs().max())
+    out["fp32_output_max_abs"] = float(ref[True].abs().max())
+    out["attention_blocks"] = len(out_attn)
+    out["flash_flag_in_blocks"] = sorted({bool(m.use_flash_attention) for m in out_attn})
     for precision, cl in (("fp32", False), ("bf16", True)):
         for flag, net in nets.items():
             fast = cast_for_inference(net, precision, cl)
@@ -644,6 +666,7 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
     """Attach FLOP/s and fractions of peak to each run, and compute the seed/meddiff ratios."""
     peak = raw["peak_flops"]
     p32, p16 = peak["matmul"]["fp32"]["gflops"], peak["matmul"]["bf16"]["gflops"]
+    c32, c16 = peak["conv"]["fp32"]["gflops"], peak["conv"]["bf16_channels_last"]["gflops"]
     flops = peak["flops"]
     training: dict[str, dict] = {}
     sampling: dict[str, dict] = {}
@@ -656,12 +679,19 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
         for r in tr.values():
             impl = r["job"]["impl"]
             gf = flops[impl][s]["fwd_bwd_gflop_train_batch"] / (r["fwd_s"] + r["bwd_clip_s"])
-            ref = p16 if r["job"]["variant"] == "fast" else p32
-            r.update({"fwd_bwd_gflops": gf, "fraction_of_matching_matmul_peak": gf / ref})
+            ref, cref = (p16, c16) if r["job"]["variant"] == "fast" else (p32, c32)
+            r.update(
+                {
+                    "fwd_bwd_gflops": gf,
+                    "fraction_of_matching_matmul_peak": gf / ref,
+                    "fraction_of_matching_conv_peak": gf / cref,
+                }
+            )
         for r in sa.values():
             impl = r["job"]["impl"]
             gf = flops[impl][s]["fwd_gflop_sample_batch"] / r["forward_s_median"]
             r.update({"forward_gflops": gf, "fraction_of_fp32_peak": gf / p32, "fraction_of_bf16_peak": gf / p16})
+            r["fraction_of_matching_conv_peak"] = gf / (c16 if r["job"]["variant"] == "fast" else c32)
         training[s], sampling[s] = tr, sa
         seed_t = tr["seed_fp32"]["step_s_median"]
         rt = {
@@ -689,7 +719,15 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
         }
     bar["met"] = all(v["met"] for v in bar["per_size"].values())
     return {
-        "peak": {"fp32_matmul_gflops": p32, "bf16_matmul_gflops": p16, "matmul": peak["matmul"]},
+        "peak": {
+            "fp32_matmul_gflops": p32,
+            "bf16_matmul_gflops": p16,
+            "fp32_conv_gflops": c32,
+            "bf16_channels_last_conv_gflops": c16,
+            "matmul": peak["matmul"],
+            "conv": peak["conv"],
+            "foreign_cpu_fraction": peak.get("foreign_cpu_fraction"),
+        },
         "networks": flops,
         "training": training,
         "sampling": sampling,
@@ -835,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         help="before each configuration, wait up to this many seconds for "
         "other processes to leave the CPUs idle (0: do not wait); CPU use by others is recorded either way",
     )
+    ap.add_argument("--retries", type=int, default=2, help="repeat a configuration if others used the CPUs meanwhile")
+    ap.add_argument("--max-foreign", type=float, default=0.05, help="accepted CPU share of other processes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -856,11 +896,19 @@ def main(argv: list[str] | None = None) -> int:
         batches = [[j for j in jobs if j["malloc"] == m] for m in (False, True)]
     else:
         batches = [[j] for j in jobs]
+    measured_wall = 0.0
     for batch in batches:
-        busy = wait_for_quiet(args.max_wait) if args.max_wait > 0 else None
-        t0 = time.perf_counter()
-        for r in run_jobs(batch, cfg, batch[0]["malloc"]):
-            r["foreign_cpu_fraction_before"] = busy
+        for attempt in range(1, args.retries + 2):
+            busy = wait_for_quiet(args.max_wait) if args.max_wait > 0 else None
+            t0 = time.perf_counter()
+            results = run_jobs(batch, cfg, batch[0]["malloc"])
+            foreign = max(r["foreign_cpu_fraction"] for r in results)
+            if foreign <= args.max_foreign or attempt > args.retries:
+                break
+            print(f"  other processes took {100 * foreign:.0f}% of the CPUs during the run: repeating it", flush=True)
+        measured_wall += time.perf_counter() - t0
+        for r in results:
+            r["foreign_cpu_fraction_before"], r["attempts"] = busy, attempt
             raw[r["job"]["name"]] = r
         names = ", ".join(j["name"] for j in batch)
         print(f"[{time.perf_counter() - start:6.0f} s] {names} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -884,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     res["total_wall_s"] = time.perf_counter() - start
+    res["measured_wall_s"] = measured_wall  # the accepted runs only: no waiting, no repeats
     save_json(res, out)
     table = render_markdown(res)
     print(table)

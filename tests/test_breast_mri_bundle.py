@@ -121,42 +121,17 @@ def test_png_seed_layout_workflow(tmp_path: Path, phantom_dir: Path) -> None:
     check_metrics(evaluate(tmp_path, **paths))
 
 
-def write_dicom_series(volume: np.ndarray, folder: Path, series_uid: str, description: str = "ax dyn pre") -> None:
-    """Write a (Z,Y,X) int16 volume as an MR DICOM series, one file per slice."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    folder.mkdir(parents=True)
-    study, frame = generate_uid(), generate_uid()
-    for z, plane in enumerate(volume):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
-        ds.Modality, ds.SeriesDescription, ds.PatientID, ds.InstanceNumber = "MR", description, "P1", z + 1
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 3.0 * z], [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 3.0
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = plane.astype(np.int16).tobytes()
-        ds.save_as(folder / f"slice_{z:03d}.dcm", enforce_file_format=True)
-
-
 def write_dicom_layout(phantom_dir: Path, root: Path) -> Path:
     """Write the phantom training volumes as <case>/image/ DICOM series with <case>/label.nrrd."""
     import SimpleITK as sitk
-    from pydicom.uid import generate_uid
+    from dicom_helpers import write_series
 
     from meddiff.dicom import read_series, write_like
 
     for path in sorted((phantom_dir / "imagesTr").iterdir()):
         case = root / path.name.replace(".nii.gz", "")
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        write_dicom_series((volume * 1000).astype(np.int16), case / "image", generate_uid())
+        write_series(case / "image", (volume * 1000).astype(np.int16), modality="MR", description="ax dyn pre")
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "labelsTr" / path.name)))
         write_like(label.astype(np.uint8), read_series(case / "image"), case / "label.nrrd")
     return root

@@ -22,6 +22,7 @@ _SUBMODULES = {
     "sampling",
     "schedulers",
     "visualize",
+    "cimd",
     "ensembles",
     "demo",
     "cli",

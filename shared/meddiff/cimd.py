@@ -19,7 +19,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from meddiff.precision import Precision, autocast, to_memory_format
+from meddiff.precision import autocast, check_precision, to_memory_format
 
 __all__ = ["CIMDLoss", "CIMDPrepareBatch", "CIMDTrainingInferer"]
 
@@ -54,7 +54,7 @@ class CIMDTrainingInferer(DiffusionInferer):
 
     def __init__(self, scheduler: Scheduler, precision: str = "fp32", channels_last: bool = False) -> None:
         super().__init__(scheduler)
-        self.precision, self.channels_last = Precision(precision), channels_last
+        self.precision, self.channels_last = check_precision(precision), channels_last
 
     def __call__(  # type: ignore[override]
         self,

@@ -32,7 +32,7 @@ from meddiff.data.lidc import (
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.io import atomic_write, check_new_output, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
-from meddiff.precision import Precision, cast_for_inference, to_memory_format
+from meddiff.precision import cast_for_inference, check_precision, to_memory_format
 from meddiff.sampling import make_generator, sample
 from meddiff.schedulers import make_sampling_scheduler
 from meddiff.visualize import save_grid, to_rgb_tile
@@ -75,7 +75,7 @@ class EnsembleSamplingInferer(Inferer):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
         self.num_samples, self.sampler, self.num_inference_steps = num_samples, sampler, num_inference_steps
         self.num_train_timesteps, self.schedule = num_train_timesteps, schedule
-        self.precision, self.channels_last = Precision(precision), channels_last
+        self.precision, self.channels_last = check_precision(precision), channels_last
         self.seed, self.output, self.threshold, self.progress = seed, output, threshold, progress
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -173,7 +173,7 @@ class EnsembleSegmentation:
             image = torch.from_numpy(resize_image(case["image"], self.img_size))[None].to(device)
             samples = self.inferer(image, self.network, seed=self.seed + i, output="samples")[0].cpu().numpy()
             full = resize_label(samples.astype(np.int64), case["image"].shape[1:]).astype(bool)
-            frequency, _ = _write_ensemble(full, self.output_dir / case["name"], self.overwrite)
+            _write_ensemble(full, self.output_dir / case["name"], self.overwrite)
             if i < self.grid_size:
                 refs = resize_label(case["label"].astype(np.int64), self.img_size)
                 row = [to_rgb_tile(image[0].cpu().numpy())]
@@ -215,10 +215,12 @@ def evaluate_ensembles(
     if not (root / MANIFEST).is_file():
         raise DataError(f"{root / MANIFEST} does not exist: run inference into {root} before evaluating it.")
     manifest = json.loads((root / MANIFEST).read_text())
+    cases = {c["name"]: c for c in find_lidc_cases(dataset_dir, split, num_raters)}
+    missing = [name for name in manifest["cases"] if name not in cases]
+    if missing:
+        raise DataError(f"{root} holds ensembles for cases {missing[:5]} that {dataset_dir} ({split}) does not have.")
     per_image = {}
-    for case in find_lidc_cases(dataset_dir, split, num_raters):
-        if case["name"] not in manifest["cases"]:
-            raise DataError(f"{root} has no ensemble for case {case['name']} of {dataset_dir}: run inference on it.")
+    for case in (cases[name] for name in manifest["cases"]):
         refs = np.stack([read_binary_mask(p) for p in case["label"]])
         members = np.stack(
             [read_binary_mask(root / case["name"] / f"sample_{k:02d}.png") for k in range(manifest["num_samples"])]

@@ -20,3 +20,12 @@ __all__ = [
     "encode_mask",
     "load_slices",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import `meddiff.data.<name>` submodules (e.g. `lidc`, `phantoms`) on first use, for bundle configs."""
+    import importlib
+
+    if name in ("lidc", "phantoms", "slices"):
+        return importlib.import_module(f"meddiff.data.{name}")
+    raise AttributeError(f"module 'meddiff.data' has no attribute {name!r}")
