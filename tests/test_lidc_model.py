@@ -1,0 +1,167 @@
+"""CIMD network, training pieces, ensemble inferer (MONAI Label contract, seeds) and the DICOM clinical path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from PIL import Image
+
+from meddiff.cimd import CIMDLoss, CIMDPrepareBatch, CIMDTrainingInferer
+from meddiff.dicom import read_series
+from meddiff.ensembles import DicomNoduleEnsembles, EnsembleSamplingInferer
+from meddiff.io import OutputExistsError
+from meddiff.networks import AxisAlignedConvGaussian, CIMDNetwork
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lidc_ambiguous_segmentation"
+
+
+def tiny_network(latent_dim: int = 3) -> CIMDNetwork:
+    torch.manual_seed(0)
+    denoiser = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=2 + latent_dim,
+        out_channels=1,
+        channels=(8, 16),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_head_channels=16,
+        norm_num_groups=8,
+    )
+    for p in denoiser.parameters():  # MONAI starts some convolutions at zero: give the untrained net an output
+        if p.ndim > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    prior = AxisAlignedConvGaussian(2, 1, latent_dim, channels=(4, 8), convs_per_block=1)
+    posterior = AxisAlignedConvGaussian(2, 2, latent_dim, channels=(4, 8), convs_per_block=1)
+    return CIMDNetwork(denoiser, prior, posterior)
+
+
+def test_network_channel_checks():
+    net = tiny_network()
+    with pytest.raises(ValueError, match="in_channels=5 but needs 7"):
+        CIMDNetwork(net.denoiser, AxisAlignedConvGaussian(2, 1, 5), AxisAlignedConvGaussian(2, 2, 5))
+    with pytest.raises(ValueError, match="posterior needs|prior needs"):
+        CIMDNetwork(net.denoiser, net.prior, AxisAlignedConvGaussian(2, 1, 3))
+    with pytest.raises(ValueError, match="needs `mask`"):
+        net(torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 16, 16))
+
+
+def test_latent_conditions_the_denoiser_and_kl_trains_both_encoders():
+    net = tiny_network()
+    for encoder in (net.prior, net.posterior):  # leave the zero start, where KL and its gradient vanish
+        torch.nn.init.normal_(encoder.head.conv.weight, std=0.5)
+    x, image = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        a = net(x, t, image, latent=torch.zeros(2, 3))[0]
+        b = net(x, t, image, latent=torch.ones(2, 3))[0]
+    assert not torch.allclose(a, b)  # z reaches the denoiser
+    mask = torch.where(torch.rand(2, 1, 16, 16) > 0.7, 1.0, -1.0)
+    batch = {"image": image, "label": mask}
+    inputs, target, args, kwargs = CIMDPrepareBatch(num_train_timesteps=1000)(batch, "cpu")
+    assert (
+        torch.equal(inputs, mask) and torch.equal(kwargs["condition"], image) and torch.equal(target, kwargs["noise"])
+    )
+    prediction = CIMDTrainingInferer(DDPMScheduler(1000))(inputs, net, *args, **kwargs)
+    eps, kl = prediction
+    assert eps.shape == mask.shape and kl.shape == (2,) and (kl > 0).all()
+    loss = CIMDLoss(kl_weight=1.0)(prediction, target)
+    assert loss.item() == pytest.approx((torch.nn.functional.mse_loss(eps, target) + kl.mean()).item(), rel=1e-5)
+    loss.backward()
+    for module in (net.prior, net.posterior, net.denoiser):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_inferer_outputs_and_seeds():
+    net = tiny_network()
+    image = torch.rand(2, 1, 16, 16) * 2 - 1
+    inferer = EnsembleSamplingInferer(num_samples=3, sampler="ddim", num_inference_steps=3, seed=7, output="samples")
+    samples = inferer(image, net)
+    assert samples.shape == (2, 3, 16, 16) and set(samples.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(samples, inferer(image, net))  # DDIM with a fixed seed is deterministic
+    assert not torch.equal(samples, inferer(image, net, seed=8))
+    frequency = inferer(image, net, output="frequency")
+    assert frequency.shape == (2, 1, 16, 16) and torch.allclose(frequency, samples.mean(1, keepdim=True))
+    assert torch.equal(inferer(image, net, output="majority"), (frequency > 0.5).float())
+    ddpm = EnsembleSamplingInferer(num_samples=2, sampler="ddpm", num_inference_steps=4, seed=1, output="samples")
+    assert ddpm(image[:1], net).shape == (1, 2, 16, 16)
+    bf16 = EnsembleSamplingInferer(num_samples=2, num_inference_steps=2, precision="bf16", channels_last=True)
+    assert bf16(image[:1], net).dtype == torch.float32
+    with pytest.raises(ValueError, match="output must be"):
+        EnsembleSamplingInferer(output="mean")
+
+
+def test_monai_label_contract(tmp_path):
+    """MONAI Label's bundle loader: preprocessing from configs, then inferer(inputs[None], network) -> pred."""
+    parser = ConfigParser()
+    parser.read_config([BUNDLE / "configs" / "inference.json", BUNDLE / "configs" / "demo.json"])
+    parser.read_meta(BUNDLE / "configs" / "metadata.json")
+    parser.update({"bundle_root": str(tmp_path), "num_samples": 2, "num_inference_steps": 2, "progress": False})
+    meta = parser.get("_meta_")["network_data_format"]
+    assert next(iter(meta["inputs"])) == "image" and next(iter(meta["outputs"])) == "pred"
+    crop = np.zeros((40, 48), np.uint8)
+    crop[10:20, 30:40] = 200  # a non-square image: rows must stay rows (no PIL transposition)
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    data = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "crop.png")})
+    assert data["image"].shape == (1, 32, 32) and float(data["image"].max()) <= 1.0
+    assert data["image"][0, 10, 25] > data["image"][0, 25, 10]
+    network = parser.get_parsed_content("network_def")
+    with torch.no_grad():
+        pred = parser.get_parsed_content("inferer")(data["image"][None], network)
+    assert pred.shape == (1, 1, 32, 32) and 0.0 <= pred.min() and pred.max() <= 1.0
+
+
+def test_dicom_clinical_path(tmp_path):
+    from dicom_helpers import write_series
+
+    pixels = np.full((5, 40, 44), 200, np.int16)  # -824 HU: lung
+    pixels[2, 15:22, 18:26] = 1064  # +40 HU: a nodule on slice 2
+    uid = write_series(tmp_path / "ct", pixels, spacing=(0.7, 0.7, 2.5), origin=(-15.0, -14.0, 100.0))
+    image = read_series(tmp_path / "ct")  # the geometry reference
+    patient = image.TransformContinuousIndexToPhysicalPoint((21.5, 18.0, 2.0))
+    inferer = EnsembleSamplingInferer(num_samples=3, num_inference_steps=2, seed=3)
+    out = tmp_path / "out"
+    segmenter = DicomNoduleEnsembles(
+        tiny_network(), inferer, str(tmp_path / "ct"), [[21.5, 18.0, 2]], str(out),
+        img_size=16, crop_size=24, crop_spacing_mm=0.5, centre_space="voxel", frequency_thresholds=[0.3, 0.6],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="outside the series"):
+        DicomNoduleEnsembles(tiny_network(), inferer, str(tmp_path / "ct"), [[0, 0, 9]], str(out)).run()
+    records = segmenter.run()
+    assert records[0]["index"] == [21.5, 18.0, 2]
+    majority = sitk.ReadImage(str(out / "nodule_00" / "majority.nii.gz"))
+    frequency = sitk.ReadImage(str(out / "nodule_00" / "frequency.nii.gz"))
+    for written in (majority, frequency):
+        assert written.GetSize() == (44, 40, 5)
+        assert np.allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)
+        assert np.allclose(written.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    freq = sitk.GetArrayFromImage(frequency)
+    assert freq.min() >= 0 and freq.max() <= 1 and not freq[[0, 1, 3, 4]].any()
+    assert set(np.unique(np.round(freq * 3, 4))) <= {0.0, 1.0, 2.0, 3.0}
+    samples = sitk.ReadImage(str(out / "nodule_00" / "samples.nii.gz"))
+    assert samples.GetDimension() == 4 and samples.GetSize() == (44, 40, 1, 3)
+    # footprint: 24 px at 0.5 mm = 12 mm = about 17 px at 0.7 mm around the centre
+    nonzero_cols = np.nonzero(sitk.GetArrayFromImage(samples).any(axis=(0, 1, 2)))[0]
+    assert nonzero_cols.size == 0 or (nonzero_cols.min() >= 21.5 - 9.5 and nonzero_cols.max() <= 21.5 + 9.5)
+    seg = pydicom.dcmread(out / "nodule_00" / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["majority", "frequency >= 0.3", "frequency >= 0.6"]
+    seg_hd = hd.seg.segread(out / "nodule_00" / "seg.dcm")
+    assert seg_hd.number_of_segments == 3
+    assert seg_hd.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Nodule"
+    with pytest.raises(OutputExistsError):
+        segmenter.run()  # never overwrites, and fails before sampling
+    # patient coordinates (LPS mm) land on the same voxel
+    segmenter_mm = DicomNoduleEnsembles(
+        tiny_network(), inferer, str(tmp_path / "ct"), [list(patient)], str(tmp_path / "out_mm"),
+        img_size=16, crop_size=24, centre_space="patient",
+    )  # fmt: skip
+    assert np.allclose(segmenter_mm.run()[0]["index"], [21.5, 18.0, 2], atol=1e-3)
