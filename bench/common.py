@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmarks: a quiet machine, machine facts, README blocks, timing."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "bench" / "README.md"
+
+__all__ = ["README", "REPO", "machine_busy_s", "machine_info", "median", "update_readme_block", "wait_for_quiet"]
+
+
+def median(values: list[float]) -> float:
+    """The median of a non-empty list."""
+    return float(statistics.median(values))
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0.0
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_self_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
+    """Wait (up to `max_wait_s`) until other processes use < `threshold` of the CPUs; return the last busy fraction."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        b0, c0, t0 = machine_busy_s(), _cpu_self_s(), time.perf_counter()
+        time.sleep(2.0)
+        frac = (machine_busy_s() - b0 - (_cpu_self_s() - c0)) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+        if frac < threshold or time.perf_counter() > deadline:
+            return frac
+        print(f"  machine busy ({100 * frac:.0f}% of CPUs used by other processes): waiting", flush=True)
+        time.sleep(10.0)
+
+
+def machine_info(*modules: str) -> dict:
+    """CPU model and bf16 features, memory, Python/torch/monai (and `modules`) versions, date, load."""
+    import torch
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu_model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = set(text.split())
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+    }
+    for name in ("torch", "monai", *modules):
+        info[name] = importlib.import_module(name).__version__
+    return info
+
+
+def update_readme_block(begin: str, end: str, title: str, block: str) -> None:
+    """Replace the text between `begin` and `end` in bench/README.md, or append it under `title`; atomically."""
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    wrapped = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + wrapped + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{wrapped}\n"
+    tmp = README.with_name(f".{README.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, README)
