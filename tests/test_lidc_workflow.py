@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from monai.bundle import run
 from PIL import Image
 
 from meddiff.data.lidc import load_lidc_cases, make_synthetic_lidc, read_binary_mask
+from meddiff.demo import run_bundle as meddiff_run_bundle
 from meddiff.io import OutputExistsError
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lidc_ambiguous_segmentation"
@@ -36,11 +36,11 @@ TINY = {  # on top of configs/demo.json: the smallest run that still exercises e
 
 
 def run_bundle(run_id: str, configs: list[str], bundle_root: Path, dataset_dir: Path, **overrides) -> None:
-    run(
-        run_id=run_id,
-        config_file=[str(CONFIGS / c) for c in configs] + [str(CONFIGS / "demo.json")],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
+    """Run the bundle with demo.json and the tiny settings on top of `configs`."""
+    meddiff_run_bundle(
+        BUNDLE,
+        run_id,
+        [*configs, "demo.json"],
         bundle_root=str(bundle_root),
         dataset_dir=str(dataset_dir),
         **{**TINY, **overrides},
