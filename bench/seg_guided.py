@@ -43,7 +43,7 @@ FULL: dict[str, Any] = {
     "sample_batch": 1,
     "ddim_steps": 50,
     "ddpm_steps": 1000,
-    "ddpm_measured_steps": 12,
+    "ddpm_measured_steps": 20,
     "warmup_steps": 2,
     "matmul_n": 2048,
     "matmul_reps": 10,
@@ -199,7 +199,7 @@ def train_meddiff(job: dict, cfg: dict) -> dict:
 
     size, batch = job["size"], cfg["train_batch"]
     n_total = cfg["train_warmup"] + cfg["train_steps"][str(size)]
-    fast = job["variant"] == "fast"
+    bf16, channels_last = job["variant"] in ("fast", "bf16"), job["variant"] == "fast"
     torch.manual_seed(0)
     data = []
     for i in range(batch * n_total):
@@ -212,8 +212,8 @@ def train_meddiff(job: dict, cfg: dict) -> dict:
             "img_size": size,
             "batch_size": batch,
             "num_epochs": 1,
-            "precision": "bf16" if fast else "fp32",
-            "channels_last": fast,
+            "precision": "bf16" if bf16 else "fp32",
+            "channels_last": channels_last,
             "train#data": "$bench_data",
             "train#dataloader#shuffle": False,
         },
@@ -556,13 +556,18 @@ def job_list(cfg: dict) -> list[dict]:
     """Every configuration, one subprocess each (in --quick, grouped by malloc setting)."""
     jobs = [{"kind": "peak", "impl": "-", "variant": "-", "size": 0, "malloc": False, "name": "peak_flops"}]
     for size in cfg["sizes"]:
-        train = [("seed", "fp32", False), ("meddiff", "fp32", False), ("meddiff", "fast", True)]
+        train = [
+            ("seed", "fp32", False),
+            ("meddiff", "fp32", False),
+            ("meddiff", "fast", True),
+            ("meddiff", "bf16", True),
+        ]
         if size >= 128:  # the malloc trap needs tensors > 32 MiB: 128² batch 4 fp32 has them, 64² does not
             train += [("seed", "fp32", True), ("meddiff", "fp32", True)]
         sample = [("seed", "fp32", False), ("meddiff", "fp32", False), ("meddiff", "fast", True)]
         for kind, variants in (("train", train), ("sample", sample)):
             for impl, variant, malloc in variants:
-                suffix = "_malloc" if malloc and variant != "fast" else ""
+                suffix = "_malloc" if malloc and variant == "fp32" else ""
                 name = f"{kind}_{size}_{impl}_{variant}{suffix}"
                 jobs.append(
                     {"kind": kind, "impl": impl, "variant": variant, "size": size, "malloc": malloc, "name": name}
@@ -679,7 +684,7 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
         for r in tr.values():
             impl = r["job"]["impl"]
             gf = flops[impl][s]["fwd_bwd_gflop_train_batch"] / (r["fwd_s"] + r["bwd_clip_s"])
-            ref, cref = (p16, c16) if r["job"]["variant"] == "fast" else (p32, c32)
+            ref, cref = (p32, c32) if r["job"]["variant"] == "fp32" else (p16, c16)
             r.update(
                 {
                     "fwd_bwd_gflops": gf,
@@ -697,6 +702,7 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
         rt = {
             "seed_fp32 / meddiff_fp32": _ratio(seed_t, tr["meddiff_fp32"]["step_s_median"]),
             "seed_fp32 / meddiff_fast": _ratio(seed_t, tr["meddiff_fast"]["step_s_median"]),
+            "seed_fp32 / meddiff_bf16 (NCHW)": _ratio(seed_t, tr["meddiff_bf16"]["step_s_median"]),
         }
         if "seed_fp32_malloc" in tr:
             t_m = tr["seed_fp32_malloc"]["step_s_median"]
@@ -751,7 +757,7 @@ def render_markdown(res: dict) -> str:
         f"{res['networks']['seed']['params']:,} (seed, 1 + 1 merged channel in).",
         "",
         f"**Training** (batch {cfg['train_batch']}; median of {'/'.join(map(str, cfg['train_steps'].values()))} "
-        f"steps after {cfg['train_warmup']} warm-up step; step = noise + forward + MSE + backward + clip + AdamW):",
+        f"steps after {cfg['train_warmup']} warm-up step(s); step = noise + forward + MSE + backward + clip + AdamW):",
         "",
         "| size | variant | s/step (fwd / bwd+clip / opt) | images/s | GFLOP/s (fwd+bwd) | % of matmul peak | "
         "peak RSS MiB | seed fp32 ÷ this |",
@@ -763,6 +769,7 @@ def render_markdown(res: dict) -> str:
         "meddiff_fp32": "meddiff fp32 (bundle, fused AdamW)",
         "meddiff_fp32_malloc": "meddiff fp32 + malloc setting",
         "meddiff_fast": "**meddiff fast** (bf16 autocast + CL + fused AdamW + malloc)",
+        "meddiff_bf16": "meddiff bf16 autocast, NCHW (fused AdamW + malloc)",
     }
     for s, tr in res["training"].items():
         seed_t = tr["seed_fp32"]["step_s_median"]
@@ -773,7 +780,7 @@ def render_markdown(res: dict) -> str:
             lines.append(
                 f"| {s}² | {names[key]} | {_f(r['step_s_median'])} ({_f(r['fwd_s'])} / {_f(r['bwd_clip_s'])} / "
                 f"{_f(r['opt_s'])}) | {_f(r['images_per_s'])} | {r['fwd_bwd_gflops']:.0f} | "
-                f"{100 * r['fraction_of_matching_matmul_peak']:.0f}% {'bf16' if 'fast' in key else 'fp32'} | "
+                f"{100 * r['fraction_of_matching_matmul_peak']:.0f}% {'fp32' if 'fp32' in key else 'bf16'} | "
                 f"{r['vmhwm_mib']:.0f} | **{_f(seed_t / r['step_s_median'])}** |"
             )
     bar = res["issue5_training_2x_bar"]
@@ -826,7 +833,11 @@ def render_markdown(res: dict) -> str:
         "",
         f"Machine peaks measured in the same run: fp32 matmul {pk['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 matmul "
         f"{pk['bf16_matmul_gflops']:.0f} GFLOP/s ({cfg['matmul_n']}³). FLOPs from `FlopCounterMode` (conv, matmul, "
-        "attention; GroupNorm/SiLU/adds not counted). Peak RSS = VmHWM of the configuration's own subprocess.",
+        "attention; GroupNorm/SiLU/adds not counted). Peak RSS = VmHWM of the configuration's own subprocess. "
+        f"Conv ceilings (3×3, batch/channels/size {pk['conv']['fp32']['shape'][:3]}): "
+        f"fp32 {pk['fp32_conv_gflops']:.0f}, "
+        f"bf16 channels_last {pk['bf16_channels_last_conv_gflops']:.0f} GFLOP/s. Benchmark time (accepted runs): "
+        f"{res['measured_wall_s'] / 60:.1f} min.",
     ]
     att = res.get("attention")
     if att:
@@ -834,7 +845,8 @@ def render_markdown(res: dict) -> str:
         lines += [
             "",
             f"`use_flash_attention` (bundle network, {sz}² b1 forward; training fwd+bwd at {sz // 2}² "
-            f"b{cfg['train_batch']}, bf16 autocast + CL): max |Δ| fp32 = {att['fp32_max_abs_diff']:.1e}; "
+            f"b{cfg['train_batch']}, bf16 autocast + CL): max |Δ| fp32 = {att['fp32_max_abs_diff']:.1e} "
+            f"(output max |y| = {att['fp32_output_max_abs']:.2f}); "
             + "; ".join(
                 f"{k.replace('_flash_True_s', '')}: {att[k]:.3f} s on / {att[k.replace('True', 'False')]:.3f} s off"
                 for k in att
@@ -869,8 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-wait",
         type=float,
-        default=300.0,
-        help="before each configuration, wait up to this many seconds for "
+        default=None,
+        help="before each configuration, wait up to this many seconds (default 300; --quick: 0) for "
         "other processes to leave the CPUs idle (0: do not wait); CPU use by others is recorded either way",
     )
     ap.add_argument("--retries", type=int, default=2, help="repeat a configuration if others used the CPUs meanwhile")
@@ -887,6 +899,10 @@ def main(argv: list[str] | None = None) -> int:
     from meddiff.io import save_json
 
     cfg = QUICK if args.quick else FULL
+    if args.max_wait is None:
+        args.max_wait = 0.0 if args.quick else 300.0
+    if args.quick:
+        args.retries = 0
     out = Path(args.out) if args.out else RESULTS / ("seg_guided_quick.json" if args.quick else "seg_guided.json")
     machine = machine_info()
     start = time.perf_counter()

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 from monai.engines import DiffusionPrepareBatch, default_prepare_batch
-from monai.inferers import DiffusionInferer
-from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from meddiff.precision import autocast, check_precision, to_memory_format
+from meddiff.inferers import PrecisionDiffusionInferer
+from meddiff.precision import autocast, to_memory_format
 
 __all__ = ["CIMDLoss", "CIMDPrepareBatch", "CIMDTrainingInferer"]
 
@@ -46,15 +45,11 @@ class CIMDPrepareBatch(DiffusionPrepareBatch):
         return mask, target, (), {"noise": noise, "timesteps": timesteps, "condition": image}
 
 
-class CIMDTrainingInferer(DiffusionInferer):
+class CIMDTrainingInferer(PrecisionDiffusionInferer):
     """Noise the mask and run a `CIMDNetwork` on it with its posterior latent: returns ``(eps_pred, kl)`` in float32.
 
     The network runs under bf16/fp16 autocast and channels_last when asked (`meddiff.precision`).
     """
-
-    def __init__(self, scheduler: Scheduler, precision: str = "fp32", channels_last: bool = False) -> None:
-        super().__init__(scheduler)
-        self.precision, self.channels_last = check_precision(precision), channels_last
 
     def __call__(  # type: ignore[override]
         self,
