@@ -5,7 +5,7 @@ with or without the glibc malloc setting. Measures training images/s, sampling s
 full, DDPM-1000 extrapolated from per-step times of the real loop), peak RSS, FLOP/s against the machine's matmul
 peaks, and the seed/meddiff ratios. Writes ``bench/results/seg_guided.json`` and the tables in ``bench/README.md``.
 
-    python bench/seg_guided.py           # full paper-size network (113.7M params), ~10 min on 2 cores
+    python bench/seg_guided.py           # full paper-size network (113.7M params), ~11 min on 2 cores
     python bench/seg_guided.py --quick   # tiny smoke configuration, < 1 min; writes seg_guided_quick.json only
 """
 

@@ -102,5 +102,10 @@ def test_precision_resolution() -> None:
     assert cast_for_inference(net, "fp32", False) is net
     fast = cast_for_inference(net, "bf16", True)
     assert fast is not net and next(fast.parameters()).dtype == torch.bfloat16
+    assert cast_for_inference(net, "bf16", True) is fast  # cached while the weights stay the same ...
+    with torch.no_grad():
+        net.weight.fill_(0.5)
+    fresh = cast_for_inference(net, "bf16", True)
+    assert fresh is not fast and torch.equal(fresh.weight.float(), net.weight)  # ... and made anew after a change
     with autocast("cpu", "bf16"):
         assert net(torch.rand(1, 1, 4, 4)).dtype == torch.bfloat16

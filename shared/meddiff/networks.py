@@ -128,9 +128,12 @@ class CIMDNetwork(nn.Module):
         """Predict the noise of the noisy mask `x` at `timesteps`; see the class docstring for `mask`/`latent`."""
         kl = None
         if mask is not None:
-            posterior = self.posterior(torch.cat([image, mask.to(image.dtype)], dim=1))
-            latent = posterior.rsample()
-            kl = kl_divergence(posterior, self.prior(image))
+            # the encoders and their KL run in float32 even under autocast: KL terms are small differences
+            with torch.autocast(device_type=image.device.type, enabled=False):
+                image32 = image.float()
+                posterior = self.posterior(torch.cat([image32, mask.float()], dim=1))
+                latent = posterior.rsample()
+                kl = kl_divergence(posterior, self.prior(image32))
         elif latent is None:
             raise ValueError("CIMDNetwork needs `mask` (training, posterior latent) or `latent` (sampling, prior).")
         latent_map = latent.to(x.dtype).view(*latent.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import sys
+import weakref
 from collections.abc import Iterable
 from enum import Enum
 
@@ -91,14 +92,31 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
+_CAST_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_version(network: torch.nn.Module) -> int:
+    # every in-place update (optimizer step, load_state_dict) bumps a tensor's version counter
+    return sum(p._version for p in network.parameters()) + sum(b._version for b in network.buffers())
+
+
 def cast_for_inference(network: torch.nn.Module, precision: str | Precision, channels_last: bool) -> torch.nn.Module:
-    """A copy of `network` with weights in `precision` and channels_last layout, or `network` itself for fp32 NCHW."""
+    """A copy of `network` with weights in `precision` and channels_last layout, or `network` itself for fp32 NCHW.
+
+    The copy is cached per network and setting, and made anew when the network's weights have changed.
+    """
     precision = resolve_precision(precision, next(network.parameters()).device)
     if precision is Precision.FP32 and not channels_last:
         return network
-    net = copy.deepcopy(network.module if hasattr(network, "module") else network).eval()
-    net = net.to(dtype=_DTYPES[precision])
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+    source = network.module if hasattr(network, "module") else network
+    key = (precision, channels_last, _weights_version(source))
+    cached = _CAST_CACHE.get(source)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    net = copy.deepcopy(source).eval().to(dtype=_DTYPES[precision])
+    net = net.to(memory_format=torch.channels_last) if channels_last else net
+    _CAST_CACHE[source] = (key, net)
+    return net
 
 
 def make_adamw(
