@@ -12,12 +12,9 @@ peaks, and the seed/meddiff ratios. Writes ``bench/results/seg_guided.json`` and
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, machine_busy_s, median, update_readme_block, wait_for_quiet
+from common import machine_info as common_machine_info
+from seg_guided_report import render_markdown, summarize
+
 BUNDLE = REPO / "bundles" / "breast_mri_seg_guided_generation"
 RESULTS = REPO / "bench" / "results"
-README = REPO / "bench" / "README.md"
 BEGIN, END = "<!-- seg_guided:tables:begin -->", "<!-- seg_guided:tables:end -->"
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"  # = meddiff.precision's
 NUM_CLASSES = 4  # breast MRI: background, breast, vessels, fibroglandular tissue
@@ -134,10 +133,6 @@ def seed_mask(label: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # worker measurements (run inside the subprocesses)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
 
 
 def proc_memory_mib() -> dict[str, float]:
@@ -257,7 +252,7 @@ def train_meddiff(job: dict, cfg: dict) -> dict:
 
 def _train_summary(steps: list[dict[str, float]], cfg: dict, batch: int, loss: float) -> dict:
     measured = steps[cfg["train_warmup"] :]
-    step = _median([s["step"] for s in measured])
+    step = median([s["step"] for s in measured])
     return {
         "batch": batch,
         "warmup_steps": cfg["train_warmup"],
@@ -265,9 +260,9 @@ def _train_summary(steps: list[dict[str, float]], cfg: dict, batch: int, loss: f
         "step_s_median": step,
         "step_s_all": [round(s["step"], 4) for s in steps],
         "first_step_s": steps[0]["step"],
-        "fwd_s": _median([s["fwd"] for s in measured]),
-        "bwd_clip_s": _median([s["bwd"] for s in measured]),
-        "opt_s": _median([s["opt"] for s in measured]),
+        "fwd_s": median([s["fwd"] for s in measured]),
+        "bwd_clip_s": median([s["bwd"] for s in measured]),
+        "opt_s": median([s["opt"] for s in measured]),
         "images_per_s": batch / step,
         "final_loss": loss,
     }
@@ -382,14 +377,14 @@ def sample_meddiff(job: dict, cfg: dict) -> dict:
 def _sample_summary(
     cfg: dict, batch: int, total: float, step_s: list, fwd_s: list, ddpm_step_s: list, finite: bool
 ) -> dict:
-    ddpm_step = _median(ddpm_step_s)
+    ddpm_step = median(ddpm_step_s)
     return {
         "batch": batch,
         "ddim_steps": cfg["ddim_steps"],
         "ddim_total_s": total,
         "ddim_s_per_image": total / batch,
-        "ddim_step_s_median": _median(step_s),
-        "forward_s_median": _median(fwd_s),
+        "ddim_step_s_median": median(step_s),
+        "forward_s_median": median(fwd_s),
         "ddpm_steps": cfg["ddpm_steps"],
         "ddpm_step_s_median": ddpm_step,
         "ddpm_step_s_all": [round(s, 4) for s in ddpm_step_s],
@@ -416,7 +411,7 @@ def peak_and_flops(job: dict, cfg: dict) -> dict:
             fn()
             times.append(time.perf_counter() - t0)
         # the ceiling is the best repeat; the median is kept to show the spread
-        return {"reps": reps, "best_s": min(times), "median_s": _median(times), "gflops": gflop / min(times)}
+        return {"reps": reps, "best_s": min(times), "median_s": median(times), "gflops": gflop / min(times)}
 
     peaks: dict[str, dict] = {"matmul": {}, "conv": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -493,7 +488,7 @@ def attention_check(job: dict, cfg: dict) -> dict:
                     fast(xin, t)
                     if i:
                         times.append(time.perf_counter() - t0)
-            out[f"sample_fwd_{precision}{'_cl' if cl else ''}_flash_{flag}_s"] = _median(times)
+            out[f"sample_fwd_{precision}{'_cl' if cl else ''}_flash_{flag}_s"] = median(times)
     tb = cfg["train_batch"]
     xb = torch.randn(tb, NUM_CLASSES, size // 2, size // 2).contiguous(memory_format=torch.channels_last)
     tt = torch.randint(0, TRAIN_TIMESTEPS, (tb,))
@@ -508,7 +503,7 @@ def attention_check(job: dict, cfg: dict) -> dict:
             net.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t0)
-        out[f"train_fwd_bwd_bf16_cl_{size // 2}px_b{tb}_flash_{flag}_s"] = _median(times)
+        out[f"train_fwd_bwd_bf16_cl_{size // 2}px_b{tb}_flash_{flag}_s"] = median(times)
     return out
 
 
@@ -596,280 +591,19 @@ def run_jobs(jobs: list[dict], cfg: dict, malloc: bool) -> list[dict]:
     return results
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (all processes), from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except OSError:
-        return 0.0
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
-    """Wait (up to `max_wait_s`) until other processes use < `threshold` of the CPUs; return the last busy fraction."""
-    deadline = time.perf_counter() + max_wait_s
-    while True:
-        b0, c0, t0 = machine_busy_s(), _cpu_self_s(), time.perf_counter()
-        time.sleep(2.0)
-        frac = (machine_busy_s() - b0 - (_cpu_self_s() - c0)) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
-        if frac < threshold or time.perf_counter() > deadline:
-            return frac
-        print(f"  machine busy ({100 * frac:.0f}% of CPUs used by other processes): waiting", flush=True)
-        time.sleep(10.0)
-
-
-def _cpu_self_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def machine_info() -> dict:
-    """CPU, memory, library versions, date."""
-    import diffusers
-    import monai
-    import torch
-
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "avx512f": "avx512f" in flags,
-        "memory_gib": round(mem_gib, 1),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "diffusers": diffusers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
-    }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
-
-
-def summarize(raw: dict[str, dict], cfg: dict) -> dict:
-    """Attach FLOP/s and fractions of peak to each run, and compute the seed/meddiff ratios."""
-    peak = raw["peak_flops"]
-    p32, p16 = peak["matmul"]["fp32"]["gflops"], peak["matmul"]["bf16"]["gflops"]
-    c32, c16 = peak["conv"]["fp32"]["gflops"], peak["conv"]["bf16_channels_last"]["gflops"]
-    flops = peak["flops"]
-    training: dict[str, dict] = {}
-    sampling: dict[str, dict] = {}
-    ratios: dict[str, dict] = {}
-    bar: dict[str, Any] = {"threshold": 2.0, "per_size": {}}
-    for size in cfg["sizes"]:
-        s = str(size)
-        tr = {k.split(f"train_{size}_", 1)[1]: v for k, v in raw.items() if k.startswith(f"train_{size}_")}
-        sa = {k.split(f"sample_{size}_", 1)[1]: v for k, v in raw.items() if k.startswith(f"sample_{size}_")}
-        for r in tr.values():
-            impl = r["job"]["impl"]
-            gf = flops[impl][s]["fwd_bwd_gflop_train_batch"] / (r["fwd_s"] + r["bwd_clip_s"])
-            ref, cref = (p32, c32) if r["job"]["variant"] == "fp32" else (p16, c16)
-            r.update(
-                {
-                    "fwd_bwd_gflops": gf,
-                    "fraction_of_matching_matmul_peak": gf / ref,
-                    "fraction_of_matching_conv_peak": gf / cref,
-                }
-            )
-        for r in sa.values():
-            impl = r["job"]["impl"]
-            gf = flops[impl][s]["fwd_gflop_sample_batch"] / r["forward_s_median"]
-            r.update({"forward_gflops": gf, "fraction_of_fp32_peak": gf / p32, "fraction_of_bf16_peak": gf / p16})
-            r["fraction_of_matching_conv_peak"] = gf / (c16 if r["job"]["variant"] == "fast" else c32)
-        training[s], sampling[s] = tr, sa
-        seed_t = tr["seed_fp32"]["step_s_median"]
-        rt = {
-            "seed_fp32 / meddiff_fp32": _ratio(seed_t, tr["meddiff_fp32"]["step_s_median"]),
-            "seed_fp32 / meddiff_fast": _ratio(seed_t, tr["meddiff_fast"]["step_s_median"]),
-            "seed_fp32 / meddiff_bf16 (NCHW)": _ratio(seed_t, tr["meddiff_bf16"]["step_s_median"]),
-        }
-        if "seed_fp32_malloc" in tr:
-            t_m = tr["seed_fp32_malloc"]["step_s_median"]
-            rt["seed_fp32_malloc / meddiff_fp32_malloc"] = _ratio(t_m, tr["meddiff_fp32_malloc"]["step_s_median"])
-            rt["seed_fp32_malloc / meddiff_fast"] = _ratio(t_m, tr["meddiff_fast"]["step_s_median"])
-        per_image = {k: v["ddim_s_per_image"] for k, v in sa.items()}
-        ddpm = {k: v["ddpm_s_per_image"] for k, v in sa.items()}
-        rs = {
-            "DDIM-50: seed_fp32 / meddiff_fp32": _ratio(per_image["seed_fp32"], per_image["meddiff_fp32"]),
-            "DDIM-50: seed_fp32 / meddiff_fast": _ratio(per_image["seed_fp32"], per_image["meddiff_fast"]),
-            "DDPM-1000: seed_fp32 / meddiff_fp32": _ratio(ddpm["seed_fp32"], ddpm["meddiff_fp32"]),
-            "DDPM-1000: seed_fp32 / meddiff_fast": _ratio(ddpm["seed_fp32"], ddpm["meddiff_fast"]),
-            "seed DDPM-1000 / meddiff_fast DDIM-50": _ratio(ddpm["seed_fp32"], per_image["meddiff_fast"]),
-        }
-        ratios[s] = {"training_step": rt, "sampling_per_image": rs}
-        bar["per_size"][s] = {
-            "seed_fp32_over_meddiff_fast": rt["seed_fp32 / meddiff_fast"],
-            "seed_fp32_malloc_over_meddiff_fast": rt.get("seed_fp32_malloc / meddiff_fast"),
-            "met": rt["seed_fp32 / meddiff_fast"] >= 2.0,
-        }
-    bar["met"] = all(v["met"] for v in bar["per_size"].values())
-    return {
-        "peak": {
-            "fp32_matmul_gflops": p32,
-            "bf16_matmul_gflops": p16,
-            "fp32_conv_gflops": c32,
-            "bf16_channels_last_conv_gflops": c16,
-            "matmul": peak["matmul"],
-            "conv": peak["conv"],
-            "foreign_cpu_fraction": peak.get("foreign_cpu_fraction"),
-        },
-        "networks": flops,
-        "training": training,
-        "sampling": sampling,
-        "ratios": ratios,
-        "issue5_training_2x_bar": bar,
-        "attention": raw.get("attention"),
-    }
-
-
-def _f(x: float | None, nd: int = 2) -> str:
-    return "—" if x is None else f"{x:.{nd}f}"
-
-
-def render_markdown(res: dict) -> str:
-    """The README tables for these results."""
-    cfg, m, pk = res["config"], res["machine"], res["peak"]
-    lines = [
-        f"Run {m['date']}: {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}), torch {m['torch']}, "
-        f"monai {m['monai']}, diffusers {m['diffusers']}; whole run {res['total_wall_s'] / 60:.1f} min. "
-        f"Network: {res['networks']['meddiff']['params']:,} params (bundle, 1 image + 3 one-hot mask channels in) vs "
-        f"{res['networks']['seed']['params']:,} (seed, 1 + 1 merged channel in).",
-        "",
-        f"**Training** (batch {cfg['train_batch']}; median of {'/'.join(map(str, cfg['train_steps'].values()))} "
-        f"steps after {cfg['train_warmup']} warm-up step(s); step = noise + forward + MSE + backward + clip + AdamW):",
-        "",
-        "| size | variant | s/step (fwd / bwd+clip / opt) | images/s | GFLOP/s (fwd+bwd) | % of matmul peak | "
-        "peak RSS MiB | seed fp32 ÷ this |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    names = {
-        "seed_fp32": "seed (diffusers, fp32)",
-        "seed_fp32_malloc": "seed fp32 + malloc setting",
-        "meddiff_fp32": "meddiff fp32 (bundle, fused AdamW)",
-        "meddiff_fp32_malloc": "meddiff fp32 + malloc setting",
-        "meddiff_fast": "**meddiff fast** (bf16 autocast + CL + fused AdamW + malloc)",
-        "meddiff_bf16": "meddiff bf16 autocast, NCHW (fused AdamW + malloc)",
-    }
-    for s, tr in res["training"].items():
-        seed_t = tr["seed_fp32"]["step_s_median"]
-        for key in names:
-            if key not in tr:
-                continue
-            r = tr[key]
-            lines.append(
-                f"| {s}² | {names[key]} | {_f(r['step_s_median'])} ({_f(r['fwd_s'])} / {_f(r['bwd_clip_s'])} / "
-                f"{_f(r['opt_s'])}) | {_f(r['images_per_s'])} | {r['fwd_bwd_gflops']:.0f} | "
-                f"{100 * r['fraction_of_matching_matmul_peak']:.0f}% {'fp32' if 'fp32' in key else 'bf16'} | "
-                f"{r['vmhwm_mib']:.0f} | **{_f(seed_t / r['step_s_median'])}** |"
-            )
-    bar = res["issue5_training_2x_bar"]
-    per = ", ".join(
-        f"{s}²: {_f(v['seed_fp32_over_meddiff_fast'])}×"
-        + (
-            f" ({_f(v['seed_fp32_malloc_over_meddiff_fast'])}× against the seed with the malloc setting)"
-            if v["seed_fp32_malloc_over_meddiff_fast"]
-            else ""
-        )
-        for s, v in bar["per_size"].items()
-    )
-    lines += [
-        "",
-        f"Issue 5 bar (training step ≥ 2× faster than the seed): **{'met' if bar['met'] else 'NOT met'}** — {per}.",
-        "",
-    ]
-    n_ddpm = next(iter(next(iter(res["sampling"].values())).values()))["ddpm_extrapolated_from_steps"]
-    lines += [
-        f"**Sampling** (batch {cfg['sample_batch']}, seconds per image; DDIM-{cfg['ddim_steps']} run in full; "
-        f"DDPM-{cfg['ddpm_steps']} **extrapolated** = median per-step time over {n_ddpm} steps of the real loop × "
-        f"{cfg['ddpm_steps']}):",
-        "",
-        "| size | variant | DDIM-50 s/image | s/step | DDPM-1000 s/image (extrap.) | fwd GFLOP/s | % fp32 peak | "
-        "% bf16 peak | peak RSS MiB | seed DDIM ÷ this DDIM | seed DDPM ÷ this DDPM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    snames = {
-        "seed_fp32": "seed (diffusers, fp32)",
-        "meddiff_fp32": "meddiff fp32",
-        "meddiff_fast": "**meddiff fast** (bf16 weights + CL + malloc)",
-    }
-    for s, sa in res["sampling"].items():
-        seed = sa["seed_fp32"]
-        for key, label in snames.items():
-            r = sa[key]
-            lines.append(
-                f"| {s}² | {label} | {_f(r['ddim_s_per_image'], 1)} | {_f(r['ddim_step_s_median'], 3)} | "
-                f"{_f(r['ddpm_s_per_image'], 0)} ({r['ddpm_s_per_image'] / 60:.1f} min) | {r['forward_gflops']:.0f} | "
-                f"{100 * r['fraction_of_fp32_peak']:.0f}% | {100 * r['fraction_of_bf16_peak']:.0f}% | "
-                f"{r['vmhwm_mib']:.0f} | **{_f(seed['ddim_s_per_image'] / r['ddim_s_per_image'])}** | "
-                f"{_f(seed['ddpm_s_per_image'] / r['ddpm_s_per_image'])} |"
-            )
-        fast = sa["meddiff_fast"]
-        lines.append(
-            f"| {s}² | seed DDPM-1000 ÷ meddiff fast DDIM-50 | | | | | | | | "
-            f"**{_f(seed['ddpm_s_per_image'] / fast['ddim_s_per_image'], 0)}×** | |"
-        )
-    lines += [
-        "",
-        f"Machine peaks measured in the same run: fp32 matmul {pk['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 matmul "
-        f"{pk['bf16_matmul_gflops']:.0f} GFLOP/s ({cfg['matmul_n']}³). FLOPs from `FlopCounterMode` (conv, matmul, "
-        "attention; GroupNorm/SiLU/adds not counted). Peak RSS = VmHWM of the configuration's own subprocess. "
-        f"Conv ceilings (3×3, batch/channels/size {pk['conv']['fp32']['shape'][:3]}): "
-        f"fp32 {pk['fp32_conv_gflops']:.0f}, "
-        f"bf16 channels_last {pk['bf16_channels_last_conv_gflops']:.0f} GFLOP/s. Benchmark time (accepted runs): "
-        f"{res['measured_wall_s'] / 60:.1f} min.",
-    ]
-    att = res.get("attention")
-    if att:
-        sz = att["size"]
-        lines += [
-            "",
-            f"`use_flash_attention` (bundle network, {sz}² b1 forward; training fwd+bwd at {sz // 2}² "
-            f"b{cfg['train_batch']}, bf16 autocast + CL): max |Δ| fp32 = {att['fp32_max_abs_diff']:.1e} "
-            f"(output max |y| = {att['fp32_output_max_abs']:.2f}); "
-            + "; ".join(
-                f"{k.replace('_flash_True_s', '')}: {att[k]:.3f} s on / {att[k.replace('True', 'False')]:.3f} s off"
-                for k in att
-                if k.endswith("_flash_True_s")
-            )
-            + ".",
-        ]
-    return "\n".join(lines)
+    """CPU, memory, library versions (diffusers too), date."""
+    return common_machine_info("diffusers")
 
 
 def update_readme(table: str) -> None:
     """Replace this benchmark's generated block in bench/README.md (other sections are left as they are)."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## SegGuidedDiff (breast MRI bundle) vs the seed: `bench/seg_guided.py`\n\n"
-        text += block + "\n"
-    tmp = README.with_name(f".{README.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, README)
+    update_readme_block(BEGIN, END, "SegGuidedDiff (breast MRI bundle) vs the seed: `bench/seg_guided.py`", table)
 
 
 def main(argv: list[str] | None = None) -> int:
