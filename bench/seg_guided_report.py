@@ -9,6 +9,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
 
+def training_bar(rt: dict[str, float | None]) -> dict[str, Any]:
+    """Issue 5's training bar for one size: the bundle's default training (bf16 autocast, NCHW) >= 2x the seed."""
+    default = rt["seed_fp32 / meddiff_bf16 (NCHW)"]
+    return {
+        "seed_fp32_over_bundle_default": default,
+        "seed_fp32_over_meddiff_fast_channels_last": rt["seed_fp32 / meddiff_fast"],
+        "seed_fp32_malloc_over_meddiff_fast": rt.get("seed_fp32_malloc / meddiff_fast"),
+        "met": default is not None and default >= 2.0,
+    }
+
+
 def summarize(raw: dict[str, dict], cfg: dict) -> dict:
     """Attach FLOP/s and fractions of peak to each run, and compute the seed/meddiff ratios."""
     peak = raw["peak_flops"]
@@ -60,11 +71,7 @@ def summarize(raw: dict[str, dict], cfg: dict) -> dict:
             "seed DDPM-1000 / meddiff_fast DDIM-50": _ratio(ddpm["seed_fp32"], per_image["meddiff_fast"]),
         }
         ratios[s] = {"training_step": rt, "sampling_per_image": rs}
-        bar["per_size"][s] = {
-            "seed_fp32_over_meddiff_fast": rt["seed_fp32 / meddiff_fast"],
-            "seed_fp32_malloc_over_meddiff_fast": rt.get("seed_fp32_malloc / meddiff_fast"),
-            "met": rt["seed_fp32 / meddiff_fast"] >= 2.0,
-        }
+        bar["per_size"][s] = training_bar(rt)
     bar["met"] = all(v["met"] for v in bar["per_size"].values())
     return {
         "peak": {
@@ -127,17 +134,14 @@ def render_markdown(res: dict) -> str:
             )
     bar = res["issue5_training_2x_bar"]
     per = ", ".join(
-        f"{s}²: {_f(v['seed_fp32_over_meddiff_fast'])}×"
-        + (
-            f" ({_f(v['seed_fp32_malloc_over_meddiff_fast'])}× against the seed with the malloc setting)"
-            if v["seed_fp32_malloc_over_meddiff_fast"]
-            else ""
-        )
+        f"{s}²: {_f(v['seed_fp32_over_bundle_default'])}× (with channels_last: "
+        f"{_f(v['seed_fp32_over_meddiff_fast_channels_last'])}×)"
         for s, v in bar["per_size"].items()
     )
     lines += [
         "",
-        f"Issue 5 bar (training step ≥ 2× faster than the seed): **{'met' if bar['met'] else 'NOT met'}** — {per}.",
+        f"Issue 5 bar (training step ≥ 2× faster than the seed), with the bundle's default training (bf16 autocast, "
+        f"NCHW): **{'met' if bar['met'] else 'NOT met'}**; {per}.",
         "",
     ]
     n_ddpm = next(iter(next(iter(res["sampling"].values())).values()))["ddpm_extrapolated_from_steps"]
