@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.layouts import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_label, file_stem, read_png_mask
+from meddiff.data.layouts import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_label, file_stem, list_files, read_png_mask
 from meddiff.data.slices import resize_label
 from meddiff.data.transforms import encode_mask
 from meddiff.io import atomic_write, check_new_output, save_json, save_png, to_uint8
@@ -31,15 +31,13 @@ def find_condition_masks(
     elif dataset_dir:
         folder = Path(dataset_dir) / ("labelsTs" if split in ("test", "testing") else "labelsTr")
         if folder.is_dir():
-            return "volume", sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+            return "volume", list_files(folder, VOLUME_SUFFIXES)
     else:
         raise DataError("No masks given: pass --mask_dir (PNG masks) or --dataset_dir holding labelsTs/ volumes.")
     if not folder.is_dir():
         raise DataError(f"mask folder {folder} does not exist: pass --mask_dir or a dataset_dir with labelsTs/.")
-    volumes = sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
-    if volumes:
-        return "volume", volumes
-    return "png", sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+    volumes = list_files(folder, VOLUME_SUFFIXES)
+    return ("volume", volumes) if volumes else ("png", list_files(folder, IMAGE_SUFFIXES))
 
 
 class MaskConditionedGeneration:

@@ -28,6 +28,7 @@ __all__ = [
     "detect_layout",
     "file_stem",
     "find_pairs",
+    "list_files",
     "load_slices",
     "read_png_image",
     "read_png_mask",
@@ -62,7 +63,8 @@ def detect_layout(dataset_dir: str | None = None, img_dir: str | None = None, se
     )
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files directly in `folder` whose names end with one of `suffixes` (any case), sorted."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
 
 
@@ -94,7 +96,7 @@ def find_pairs(
                     "or images/ and masks/."
                 )
         pairs = []
-        for image in _files(images_dir, IMAGE_SUFFIXES):
+        for image in list_files(images_dir, IMAGE_SUFFIXES):
             mask = masks_dir / image.name
             if not mask.is_file():
                 raise DataError(f"mask {mask} for image {image} is missing: add it, or remove the image.")
@@ -106,7 +108,7 @@ def find_pairs(
         if not labels_dir.is_dir():
             raise DataError(f"{labels_dir} does not exist: the NIfTI layout needs images{tag}/ and labels{tag}/.")
         pairs = []
-        for label in _files(labels_dir, VOLUME_SUFFIXES):
+        for label in list_files(labels_dir, VOLUME_SUFFIXES):
             image = images_dir / label.name
             pairs.append(
                 {"image": str(image) if image.is_file() else None, "label": str(label), "name": file_stem(label)}
