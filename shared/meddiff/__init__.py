@@ -5,10 +5,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from meddiff.errors import install_excepthook
+
 __version__ = "0.1.0"
+
+install_excepthook()
 
 _SUBMODULES = {
     "data",
+    "errors",
+    "options",
     "dicom",
     "engines",
     "evaluation",

@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from meddiff.data.errors import DataError
 from meddiff.io import atomic_write, check_new_output
 
 __all__ = [
@@ -46,7 +47,7 @@ NODULE_CODES: tuple[Code, Code] = (codes.SCT.MorphologicallyAbnormalStructure, c
 _GRID_TOL = 1e-3
 
 
-class DicomSeriesError(ValueError):
+class DicomSeriesError(DataError):
     """Raised when a folder does not hold exactly one readable DICOM series."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from meddiff.errors import UserError
+
 __all__ = [
     "OutputExistsError",
     "atomic_write",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     """Raised when a write would replace a file that already exists."""
 
 

@@ -1,5 +1,7 @@
 """The one error type for bad input data."""
 
+from meddiff.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data; the message names the file and the fix."""

@@ -1,0 +1,202 @@
+"""Every option a user can set, parsed once and strictly, by name.
+
+Options reach a bundle as JSON values from its config files, or as command-line flags through python-fire, which
+hands ``--overwrite false`` over as the string ``'false'`` (truthy in Python) and ``--learning_rate 1e400`` as
+``inf``. Each option name has one rule in `RULES`; `parse(name, value)` applies it and raises `OptionError` naming
+the option, the value and what it accepts. Library classes parse the options they take by name; config
+expressions that hand an option to a MONAI object wrap it as ``$meddiff.options.parse('num_epochs', @num_epochs)``.
+
+Rules:
+- booleans: ``true``/``false`` (any case) or JSON booleans; nothing else (not 0/1, not ``yes``);
+- integers: ints, or strings of digits; never bools; floats only when integral;
+- real numbers: finite, within the stated bounds;
+- ``None`` only where the rule allows it (``optional``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from meddiff.errors import OptionError
+
+__all__ = ["RULES", "Rule", "check", "parse", "parse_all"]
+
+_TRUE, _FALSE = "true", "false"
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in (_TRUE, _FALSE):
+        return value.strip().lower() == _TRUE
+    raise OptionError(f"--{name} must be true or false, got {value!r}.")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise OptionError(f"--{name} must be a whole number, got {value!r}.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise OptionError(f"--{name} must be a whole number, got {value!r}.")
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OptionError(f"--{name} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except ValueError:
+        raise OptionError(f"--{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise OptionError(f"--{name} must be a finite number, got {value!r}.")
+    return number
+
+
+def _sequence(name: str, value: Any) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise OptionError(f'--{name} must be a list such as "[1, 2]", got {value!r}.')
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one option is parsed.
+
+    Args:
+        kind: "bool", "int", "float", "choice", "floats" (a list of numbers) or "ints" (a list of whole numbers).
+        low: smallest accepted number (each element for lists); None for no bound.
+        high: largest accepted number; None for no bound.
+        low_open: True when `low` itself is refused (strictly greater than).
+        high_open: True when `high` itself is refused.
+        optional: None is accepted (and returned) as "not set".
+        choices: accepted strings for kind "choice".
+        length: exact list length for list kinds.
+        increasing: list elements must be strictly increasing.
+        hint: what the option means, appended to the error.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    choices: tuple[str, ...] = ()
+    length: int | None = None
+    increasing: bool = False
+    hint: str = ""
+
+    def _bounds(self) -> str:
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(b for b in (lo, hi) if b)
+
+    def _check_range(self, name: str, number: float, shown: Any) -> None:
+        below = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        above = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if below or above:
+            hint = f" ({self.hint})" if self.hint else ""
+            raise OptionError(f"--{name} must be {self._bounds()}, got {shown!r}{hint}.")
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if value is None:
+            if self.optional:
+                return None
+            raise OptionError(f"--{name} must be set (it has no default).")
+        if self.kind == "bool":
+            return _bool(name, value)
+        if self.kind == "choice":
+            text = str(value).strip().lower()
+            if text not in self.choices:
+                raise OptionError(f"--{name} must be one of {', '.join(self.choices)}, got {value!r}.")
+            return text
+        if self.kind in ("int", "float"):
+            number = _int(name, value) if self.kind == "int" else _float(name, value)
+            self._check_range(name, number, value)
+            return number
+        items = _sequence(name, value)
+        if self.length is not None and len(items) != self.length:
+            raise OptionError(f"--{name} must list {self.length} numbers, got {value!r}.")
+        element = _int if self.kind == "ints" else _float
+        numbers = [element(name, v) for v in items]
+        for number in numbers:
+            self._check_range(name, number, value)
+        if self.increasing and any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise OptionError(f"--{name} must be increasing, got {value!r}.")
+        return numbers
+
+
+_BOOL = Rule("bool")
+_POSITIVE_INT = Rule("int", low=1)
+_COUNT = Rule("int", low=0)
+
+RULES: dict[str, Rule] = {
+    # run control
+    "overwrite": _BOOL,
+    "resume": _BOOL,
+    "progress": _BOOL,
+    "seed": Rule("int", low=0, high=2**63 - 1),
+    "max_items": Rule("int", low=1, optional=True, hint="leave it out to use every item"),
+    "num_workers": _COUNT,
+    "device": Rule("choice", choices=("cpu", "cuda")),
+    # data
+    "img_size": Rule("int", low=8, high=4096),
+    "num_img_channels": Rule("int", low=1, high=4),
+    "num_classes": Rule("int", low=2, high=255, optional=True, hint="leave it out to take it from the data"),
+    "min_foreground_fraction": Rule("float", low=0.0, high=1.0, high_open=True),
+    "num_raters": _POSITIVE_INT,
+    "use_ablated_segmentations": _BOOL,
+    "ablation_prob": Rule("float", low=0.0, high=1.0),
+    "ablated_classes": Rule("ints", low=1),
+    # training
+    "batch_size": _POSITIVE_INT,
+    "num_epochs": _POSITIVE_INT,
+    "segmenter_epochs": _POSITIVE_INT,
+    "learning_rate": Rule("float", low=0.0, high=1.0, low_open=True),
+    "lr_warmup_steps": _COUNT,
+    "weight_decay": Rule("float", low=0.0, high=1.0),
+    "grad_clip_norm": Rule("float", low=0.0, low_open=True, hint="the largest gradient norm kept"),
+    "kl_weight": Rule("float", low=0.0),
+    "channels_last": _BOOL,
+    "precision": Rule("choice", choices=("auto", "fp32", "bf16", "fp16")),
+    # diffusion
+    "num_train_timesteps": Rule("int", low=2, high=100_000),
+    "num_inference_steps": _POSITIVE_INT,
+    "sampler": Rule("choice", choices=("ddpm", "ddim", "respaced")),
+    "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
+    # DICOM nodule path
+    "crop_size": Rule("int", low=8, high=4096),
+    "crop_spacing_mm": Rule("float", low=0.0, low_open=True, high=100.0),
+    "hu_window": Rule("floats", length=2, increasing=True, low=-5000.0, high=40000.0, hint="[lowest HU, highest HU]"),
+    "frequency_thresholds": Rule(
+        "floats", low=0.0, high=1.0, low_open=True, high_open=True, increasing=True, hint="member fractions in (0, 1)"
+    ),
+}
+
+
+def parse(name: str, value: Any) -> Any:
+    """`value` parsed by the rule for option `name`; raises OptionError naming the option and what it accepts."""
+    rule = RULES.get(name)
+    if rule is None:
+        raise KeyError(f"no parsing rule for option {name!r}: add one to meddiff.options.RULES")
+    return rule(name, value)
+
+
+def parse_all(**values: Any) -> dict[str, Any]:
+    """Parse several options at once (each by its own name); returns the parsed values."""
+    return {name: parse(name, value) for name, value in values.items()}
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise OptionError(`message`) unless `condition` holds: for rules that tie two options together."""
+    if not condition:
+        raise OptionError(message)
