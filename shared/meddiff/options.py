@@ -21,7 +21,7 @@ from typing import Any
 
 from meddiff.errors import OptionError
 
-__all__ = ["RULES", "Rule", "check", "parse", "parse_all"]
+__all__ = ["RULES", "Rule", "check", "check_inference_steps", "parse", "parse_all"]
 
 _TRUE, _FALSE = "true", "false"
 
@@ -154,6 +154,7 @@ RULES: dict[str, Rule] = {
     "num_classes": Rule("int", low=2, high=255, optional=True, hint="leave it out to take it from the data"),
     "min_foreground_fraction": Rule("float", low=0.0, high=1.0, high_open=True),
     "num_raters": _POSITIVE_INT,
+    "split": Rule("choice", choices=("train", "training", "test", "testing")),
     "use_ablated_segmentations": _BOOL,
     "ablation_prob": Rule("float", low=0.0, high=1.0),
     "ablated_classes": Rule("ints", low=1),
@@ -166,6 +167,7 @@ RULES: dict[str, Rule] = {
     "weight_decay": Rule("float", low=0.0, high=1.0),
     "grad_clip_norm": Rule("float", low=0.0, low_open=True, hint="the largest gradient norm kept"),
     "kl_weight": Rule("float", low=0.0),
+    "latent_dim": Rule("int", low=1, high=1024),
     "channels_last": _BOOL,
     "precision": Rule("choice", choices=("auto", "fp32", "bf16", "fp16")),
     # diffusion
@@ -194,6 +196,15 @@ def parse(name: str, value: Any) -> Any:
 def parse_all(**values: Any) -> dict[str, Any]:
     """Parse several options at once (each by its own name); returns the parsed values."""
     return {name: parse(name, value) for name, value in values.items()}
+
+
+def check_inference_steps(num_inference_steps: Any, num_train_timesteps: Any) -> None:
+    """Refuse more sampling steps than the model has training timesteps."""
+    steps, total = parse("num_inference_steps", num_inference_steps), parse("num_train_timesteps", num_train_timesteps)
+    check(
+        steps <= total,
+        f"--num_inference_steps ({steps}) must be at most the model's --num_train_timesteps ({total}).",
+    )
 
 
 def check(condition: bool, message: str) -> None:
