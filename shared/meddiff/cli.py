@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +115,21 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _quiet_bundle_runner() -> None:
+    """The demo runs its own configs: MONAI's input summaries and its warning about untrusted configs are noise."""
+    import monai.bundle.scripts
+    import monai.bundle.workflows
+
+    for module in (monai.bundle.scripts, monai.bundle.workflows):
+        logging.getLogger(module.__name__).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+
+
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from meddiff.demo import DEMO_BUNDLES, run_demo
     from meddiff.options import parse
 
+    _quiet_bundle_runner()
     overwrite = parse("overwrite", args.overwrite)
     settings = parse_settings(extra)
     bundles = args.bundle or list(DEMO_BUNDLES)
