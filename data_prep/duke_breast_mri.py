@@ -52,7 +52,7 @@ from meddiff.dicom import (
     vector_label_to_labelmap,
     write_like,
 )
-from meddiff.errors import OptionError
+from meddiff.errors import OptionError, report_user_errors
 from meddiff.io import OutputExistsError, atomic_write, check_new_output, save_json
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def convert(
     return datalist
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    datalist = convert(  # a bad input ends the run with one line and exit status 2 (meddiff.errors)
+    datalist = convert(
         args.dicom_root,
         args.seg_root,
         args.out,

@@ -52,7 +52,7 @@ import SimpleITK as sitk
 from meddiff.data.errors import DataError
 from meddiff.data.lidc import SPLITS, crop_plane, window_to_uint8
 from meddiff.dicom import find_series, read_series
-from meddiff.errors import OptionError
+from meddiff.errors import OptionError, report_user_errors
 from meddiff.io import check_new_output, save_json, save_png
 from meddiff.options import check, parse
 
@@ -340,6 +340,7 @@ def _series_folders(root: Path) -> list[Path]:
     return sorted(folders)
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

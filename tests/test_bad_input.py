@@ -118,6 +118,7 @@ def test_training_stops_before_work_on_bad_input(tmp_path: Path) -> None:
             img_dir=str(img_dir),
             seg_dir=str(seg_dir),
             img_size=16,
+            num_classes=4,
         )
     assert "outside 0..3" in repr(info.value.__cause__) or "outside 0..3" in str(info.value)
     assert not (tmp_path / "models").exists()

@@ -159,7 +159,15 @@ def test_demo_takes_num_classes_from_the_data_and_passes_settings_through(tmp_pa
 
 def test_demo_empty_dataset_folder_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    base = ["-m", "meddiff", "demo", "--bundle", "lidc_ambiguous_segmentation", "--dataset_dir", str(tmp_path / "empty")]
+    base = [
+        "-m",
+        "meddiff",
+        "demo",
+        "--bundle",
+        "lidc_ambiguous_segmentation",
+        "--dataset_dir",
+        str(tmp_path / "empty"),
+    ]
     assert_one_line_error(cli([*base, "--output_dir", str(tmp_path / "out")], cwd=tmp_path), str(tmp_path / "empty"))
 
 

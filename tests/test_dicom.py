@@ -282,7 +282,7 @@ def test_duke_converter(fake_release, tmp_path, caplog):
 
     with pytest.raises(OutputExistsError, match="datalist.json"):
         duke.convert(dicom_root, seg_root, out)
-    assert duke.main(["--dicom_root", str(dicom_root), "--seg_root", str(seg_root), "--out", str(out)]) == 1
+    assert duke.main(["--dicom_root", str(dicom_root), "--seg_root", str(seg_root), "--out", str(out)]) == 2
     assert len(duke.convert(dicom_root, seg_root, out, overwrite=True)) == 2
 
 

@@ -13,13 +13,12 @@ import difflib
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from meddiff.errors import EXIT_USER_ERROR, OptionError, find_user_error, format_user_error
+from meddiff.errors import OptionError, report_user_errors
 from meddiff.precision import reexec_with_malloc_tuning
 
 __all__ = ["main", "metrics_table", "parse_settings"]
@@ -146,6 +145,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m meddiff`; returns the exit status (2 for a user error)."""
     if argv is None:
@@ -153,12 +153,4 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     if args.debug:
         os.environ["MEDDIFF_DEBUG"] = "1"
-    try:
-        return _run(args, extra)
-    except Exception as exc:
-        err = find_user_error(exc)
-        if err is None or args.debug:
-            raise
-        sys.stdout.flush()
-        print(format_user_error(err), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return _run(args, extra)

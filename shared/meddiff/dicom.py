@@ -4,10 +4,22 @@ Array conventions: SimpleITK images turn into numpy arrays indexed (Z, Y, X). Fo
 `read_series`, Z follows the slice order SimpleITK/GDCM chose, which is ascending position along the slice normal
 (the cross product of the ImageOrientationPatient row and column vectors), the same order `sorted_source_datasets`
 returns. `write_seg` expects its masks in that order.
+
+Reading rules (`read_series`, `read_volume`):
+- a series folder's files that are not DICOM images (no DICOM preamble, or no SeriesInstanceUID; a DICOMDIR is
+  expected) are ignored, with one logged warning listing them; a zero-byte file, a broken symlink, a DICOM file
+  whose header cannot be parsed, or a slice that GDCM cannot read is refused;
+- a series whose slice positions along the slice normal are not evenly spaced (a missing file leaves a gap; two
+  files at one position) is refused, naming the folder and the positions around the gap; slices are evenly spaced
+  when every step is within 1 % of the median step;
+- volume files are checked before reading (declared size against the file, a cap on voxels, see
+  `meddiff.data.readers`); NIfTI voxels are read with nibabel, which keeps NaN and refuses truncated data where ITK
+  would read NaN as 0 and fill a truncated file with zeros.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +33,18 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from meddiff.data.errors import DataError
+from meddiff.data.readers import (
+    check_file,
+    file_kind,
+    folder_entries,
+    itk_reason,
+    read_nifti_array,
+    unreadable,
+    volume_information,
+)
 from meddiff.io import atomic_write, check_new_output
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DicomSeriesError",
@@ -45,6 +68,7 @@ WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 TISSUE_CODES: tuple[Code, Code] = (codes.SCT.Tissue, codes.SCT.Tissue)
 NODULE_CODES: tuple[Code, Code] = (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Nodule)
 _GRID_TOL = 1e-3
+_STEP_TOL = 0.01
 
 
 class DicomSeriesError(DataError):
@@ -53,22 +77,37 @@ class DicomSeriesError(DataError):
 
 def find_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     """Map SeriesInstanceUID -> sorted file paths for the DICOM files directly in `folder` (others skipped)."""
+    return _scan_series(folder)[0]
+
+
+def _scan_series(
+    folder: str | os.PathLike,
+) -> tuple[dict[str, list[str]], list[str], dict[str, pydicom.Dataset]]:
+    """The DICOM series directly in `folder`, the names of its files that are not DICOM, and each file's header."""
     found: dict[str, list[str]] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    others: list[str] = []
+    headers: dict[str, pydicom.Dataset] = {}
+    for entry in folder_entries(folder):
         if not entry.is_file():
             continue
-        ds = _read_header(entry.path)
-        if ds is None or "SeriesInstanceUID" not in ds:
-            continue  # not DICOM, or a DICOMDIR / other non-image object
-        found.setdefault(str(ds.SeriesInstanceUID), []).append(entry.path)
-    return found
+        check_file(entry, "DICOM")
+        ds = _read_header(entry)
+        if ds is not None and "SeriesInstanceUID" in ds:
+            found.setdefault(str(ds.SeriesInstanceUID), []).append(str(entry))
+            headers[str(entry)] = ds
+        elif ds is None or "DirectoryRecordSequence" not in ds:  # a DICOMDIR is expected beside a series
+            others.append(entry.name)
+    return found, others, headers
 
 
 def _read_header(path: str | os.PathLike) -> pydicom.Dataset | None:
+    """The header of a DICOM file, None for a file without the DICOM preamble; a broken DICOM file is refused."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, force=False)
     except InvalidDicomError:
         return None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise unreadable(path, err, "DICOM") from err
 
 
 def _describe(files: list[str]) -> str:
@@ -78,19 +117,21 @@ def _describe(files: list[str]) -> str:
 
 
 def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
-    """Read one DICOM series from `folder` as a float32 image (rescale slope/intercept applied)."""
+    """Read one DICOM series from `folder` as a float32 image (rescale slope/intercept applied), checked in full."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DicomSeriesError(
             f"DICOM folder {folder} does not exist or is not a folder. Pass the folder that directly holds the "
             "DICOM files of one series."
         )
-    series = find_series(folder)
+    series, others, headers = _scan_series(folder)
     if not series:
         raise DicomSeriesError(
             f"No DICOM files found in {folder} (subfolders are not searched; files need the DICOM preamble). "
             "Pass the folder that directly holds the .dcm files of one series."
         )
+    if others:
+        logger.warning("ignoring %d non-DICOM file(s) in %s: %s", len(others), folder, _listing(others))
     if series_uid is None:
         if len(series) > 1:
             listing = "; ".join(f"{uid} {_describe(files)} ({len(files)} files)" for uid, files in series.items())
@@ -101,32 +142,87 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> sit
         series_uid = next(iter(series))
     elif series_uid not in series:
         raise DicomSeriesError(f"Series {series_uid} is not in {folder}; the folder holds {sorted(series)}.")
+    _check_slice_steps(folder, [headers[f] for f in series[series_uid]])
     reader = sitk.ImageSeriesReader()
-    names = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid)) or series[series_uid]
-    if len(names) < 1:
-        raise DicomSeriesError(f"Series {series_uid} in {folder} has no slices; check that the files are complete.")
+    names = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    dropped = sorted({Path(f).name for f in series[series_uid]} - {Path(f).name for f in names})
+    if dropped:
+        raise DicomSeriesError(
+            f"GDCM cannot read {len(dropped)} file(s) of series {series_uid} in {folder} ({_listing(dropped)}; "
+            "truncated or damaged?): replace or remove them."
+        )
     reader.SetFileNames(names)
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise DicomSeriesError(f"SimpleITK could not read series {series_uid} in {folder}: {err}") from err
+        reason = itk_reason(err)[:200]
+        raise DicomSeriesError(
+            f"SimpleITK could not read series {series_uid} in {folder} ({reason}): replace or remove its broken files."
+        ) from err
     pixel = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
     return sitk.Cast(image, pixel)
 
 
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_slice_steps(folder: Path, datasets: list[pydicom.Dataset]) -> None:
+    """Refuse a series whose slice positions along the normal are not evenly spaced (a gap or a duplicate)."""
+    if len(datasets) < 3 or any(
+        "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds for ds in datasets
+    ):
+        return
+    positions = np.sort([_slice_position(ds) for ds in datasets])
+    steps = np.diff(positions)
+    median = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - median) > _STEP_TOL * max(abs(median), 1e-6))
+    if bad.size:
+        i = int(bad[0])
+        raise DicomSeriesError(
+            f"DICOM series in {folder} is not evenly spaced: slices {i} and {i + 1} (of {len(positions)}) lie at "
+            f"{positions[i]:.2f} and {positions[i + 1]:.2f} mm along the slice normal, a step of {steps[i]:.2f} mm "
+            f"where the others are {median:.2f} mm (a missing or duplicate file?): complete the series, or remove it."
+        )
+
+
 def read_volume(path: str | os.PathLike) -> sitk.Image:
-    """Read a DICOM series folder, or an NRRD / NIfTI / MetaImage file, as a SimpleITK image."""
+    """Read a DICOM series folder, or an NRRD / NIfTI / MetaImage file, as a SimpleITK image (checked in full)."""
     path = Path(path)
     if path.is_dir():
         return read_series(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass a DICOM series folder or a volume file.")
     if not path.name.lower().endswith(VOLUME_EXTENSIONS):
-        raise ValueError(
+        raise DataError(
             f"Cannot read {path}: unknown extension. Supported: a DICOM series folder, or a file ending in "
             f"{', '.join(VOLUME_EXTENSIONS)}."
         )
-    return sitk.ReadImage(str(path))
+    reader = volume_information(path)
+    if file_kind(path) == "NIfTI":
+        return _nifti_to_sitk(path, reader)
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise unreadable(path, itk_reason(err)) from err
+
+
+def _nifti_to_sitk(path: Path, reader: sitk.ImageFileReader) -> sitk.Image:
+    """The NIfTI voxels as nibabel reads them, on the grid (and in the pixel type) ITK reads from the header."""
+    array = read_nifti_array(path)
+    size, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
+    if array.size != int(np.prod(size)) * components:
+        raise unreadable(path, f"nibabel reads shape {array.shape}, ITK size {size} x {components} components")
+    if components > 1:
+        array = array.reshape(size + (components,), order="F").transpose(*reversed(range(len(size))), len(size))
+    else:
+        array = array.reshape(size, order="F").T
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=components > 1)
+    if image.GetPixelID() != reader.GetPixelID():
+        image = sitk.Cast(image, reader.GetPixelID())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    return image
 
 
 @dataclass(frozen=True)
@@ -207,18 +303,19 @@ def label_on_image_grid(label: sitk.Image, image: sitk.Image, path_for_errors: s
     """Return `label` on `image`'s voxel grid: unchanged if the grids match, else resampled (nearest neighbour).
 
     A multi-component label (3D Slicer `.seg.nrrd` with several layers) is first turned into one label map with
-    `vector_label_to_labelmap`. Raises ValueError naming `path_for_errors` if the label does not overlap the image.
+    `vector_label_to_labelmap`. Raises DataError naming `path_for_errors` if the label does not overlap the image.
     """
     label = vector_label_to_labelmap(label)
     if label.GetDimension() != image.GetDimension():
-        raise ValueError(
-            f"The label {path_for_errors} is {label.GetDimension()}D but the image is {image.GetDimension()}D."
+        raise DataError(
+            f"The label {path_for_errors} is {label.GetDimension()}D but the image is {image.GetDimension()}D: "
+            "save the label as one volume on its series' grid."
         )
     if _same_grid(label, image):
         return label
     (label_lo, label_hi), (image_lo, image_hi) = _extent(label), _extent(image)
     if not np.all(np.maximum(label_lo, image_lo) < np.minimum(label_hi, image_hi)):
-        raise ValueError(
+        raise DataError(
             f"The label {path_for_errors} does not overlap its image in physical space (label spans "
             f"{label_lo.round(1).tolist()}..{label_hi.round(1).tolist()} mm, image spans "
             f"{image_lo.round(1).tolist()}..{image_hi.round(1).tolist()} mm). Check that the segmentation "
@@ -249,7 +346,7 @@ def sorted_source_datasets(folder: str | os.PathLike, series_uid: str | None = N
     uid = series_uid or next(iter(series))
     if uid not in series:
         raise DicomSeriesError(f"Series {uid} is not in {folder}; the folder holds {sorted(series)}.")
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series[uid]]
+    datasets = [_read_header(f) for f in series[uid]]
     missing = [f for f, ds in zip(series[uid], datasets, strict=True) if "ImagePositionPatient" not in ds]
     if missing:
         raise DicomSeriesError(f"{missing[0]} has no ImagePositionPatient; cannot order the slices of {folder}.")

@@ -17,9 +17,14 @@ behaviour without a wrapper command.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
+from collections.abc import Callable
 from types import TracebackType
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 __all__ = [
     "EXIT_USER_ERROR",
@@ -28,6 +33,7 @@ __all__ = [
     "find_user_error",
     "format_user_error",
     "install_excepthook",
+    "report_user_errors",
 ]
 
 EXIT_USER_ERROR = 2
@@ -55,6 +61,24 @@ def find_user_error(exc: BaseException | None) -> UserError | None:
 def format_user_error(err: BaseException) -> str:
     """The one line a user reads: ``error: <message>`` with the message's whitespace collapsed."""
     return "error: " + " ".join(str(err).split())
+
+
+def report_user_errors(main: Callable[P, int]) -> Callable[P, int]:
+    """Wrap a command-line `main` so a user error prints its one line and returns status 2 instead of raising."""
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as exc:
+            err = find_user_error(exc)
+            if err is None or _debug():
+                raise
+            sys.stdout.flush()
+            print(format_user_error(err), file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+
+    return wrapper
 
 
 def _debug() -> bool:

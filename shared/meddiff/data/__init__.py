@@ -1,7 +1,7 @@
 """Readers, layouts, validation and transforms for 2D slices with class masks."""
 
 from meddiff.data.errors import DataError
-from meddiff.data.layouts import detect_layout, load_slices
+from meddiff.data.layouts import check_num_classes, detect_layout, load_slices
 from meddiff.data.transforms import (
     ABSENT_VALUE,
     EncodeMaskd,
@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "EncodeMaskd",
     "RandClassAblationd",
+    "check_num_classes",
     "decode_mask",
     "detect_layout",
     "encode_mask",
@@ -26,6 +27,6 @@ def __getattr__(name: str) -> object:
     """Import `meddiff.data.<name>` submodules (e.g. `lidc`, `phantoms`) on first use, for bundle configs."""
     import importlib
 
-    if name in ("lidc", "phantoms", "slices"):
+    if name in ("lidc", "phantoms", "readers", "slices"):
         return importlib.import_module(f"meddiff.data.{name}")
     raise AttributeError(f"module 'meddiff.data' has no attribute {name!r}")

@@ -5,8 +5,18 @@ Layout (the CIMD seed's, e.g. ``../shared/data/lidc_crops/data``)::
     <dataset_dir>/<split>/<id>/image_<n>.jpg          one CT crop, 8-bit grayscale
     <dataset_dir>/<split>/<id>/label0_.jpg ... labelR_.jpg   one mask per rater (an empty mask: no nodule marked)
 
-The kind of each file is the text before its first ``_``; PNG/TIFF work as well as JPEG. Masks are binarised with
-``> 127`` (JPEG ringing makes ``> 0`` inflate the foreground by about half). Images map 0..255 to [-1, 1].
+The kind of each file is the text before its first ``_``; PNG/TIFF work as well as JPEG. A case folder with an
+image but no masks, or masks but no image, is refused, and so is a broken symlink among the cases or their files.
+
+Rater masks are binarised by this rule (`read_binary_mask`):
+- a mask whose maximum is 0 or 1 is a 0/1 mask: foreground is 1;
+- otherwise foreground is above half the range of its bit depth: ``> 127`` for 8-bit masks (0/255 JPEG masks:
+  JPEG ringing makes ``> 0`` inflate the foreground by about half), ``> 32767`` for 16-bit ones;
+- a mask whose maximum lies between 2 and that half (it would read as empty) is refused, as are masks with
+  negative values, floating-point masks with values outside 0..1 (inside: foreground ``> 0.5``), and colour masks
+  whose channels differ (equal channels: one is taken, alpha ignored).
+
+Images map to [-1, 1] by their bit depth (8-bit / 255, 16-bit / 65535; see `meddiff.data.layouts`).
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from scipy import ndimage, special
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.layouts import IMAGE_SUFFIXES, check_finite, read_png_image
+from meddiff.data.layouts import IMAGE_SUFFIXES, read_png_image
+from meddiff.data.readers import folder_entries, read_image
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.io import OutputExistsError, atomic_write, save_json
 
@@ -64,12 +75,22 @@ def find_lidc_cases(dataset_dir: str | Path, split: str = "training", num_raters
     """List the cases of a split: {"image": path, "label": [rater mask paths], "name": case id}."""
     folder = split_folder(dataset_dir, split)
     cases = []
-    for case in sorted((p for p in folder.iterdir() if p.is_dir()), key=_case_order):
+    for case in sorted((p for p in folder_entries(folder) if p.is_dir()), key=_case_order):
         kinds: dict[str, list[Path]] = {}
-        for f in case.iterdir():
+        for f in folder_entries(case, IMAGE_SUFFIXES):
             if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES):
                 kinds.setdefault(f.name.split("_")[0].lower(), []).append(f)
         images = kinds.get("image", [])
+        has_labels = any(kind.startswith("label") for kind in kinds)
+        if not images and has_labels:
+            raise DataError(
+                f"{case} holds rater masks but no image_<n> file: add the case's image, or remove the case folder."
+            )
+        if images and not has_labels:
+            raise DataError(
+                f"{case} holds {images[0].name} but no rater masks: add label0_.jpg ... label{num_raters - 1}_.jpg "
+                "(an empty mask where a rater marked nothing), or remove the case folder."
+            )
         if len(images) != 1:
             raise DataError(f"{case} holds {len(images)} image_* files: put exactly one image_<n>.jpg in each case.")
         labels = []
@@ -88,11 +109,37 @@ def find_lidc_cases(dataset_dir: str | Path, split: str = "training", num_raters
 
 
 def read_binary_mask(path: str | Path) -> np.ndarray:
-    """Read a mask image as (H,W) bool, foreground where the grey value is > 127."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
+    """Read a rater's mask as (H,W) bool by the module's binarisation rule (0/1 masks, else above half the range)."""
+    im = read_image(path)
+    array = np.asarray(im)
+    if array.ndim == 3:
+        if im.mode.endswith("A"):
+            array = array[..., :-1]
+        if not (array == array[..., :1]).all():
+            raise DataError(
+                f"mask {path} is a colour image whose channels differ: save the rater's mask as one grey channel "
+                "(0/255 or 0/1)."
+            )
+        array = array[..., 0]
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise DataError(f"mask {path} is a floating-point mask with values outside 0..1: save it as 0/255 or 0/1.")
+        return array > 0.5
+    low, top = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if low < 0:
+        raise DataError(f"mask {path} holds negative values: save the rater's mask as 0/255 or 0/1.")
+    if top <= 1:
+        return array == 1
+    bits = 8 if array.dtype.itemsize == 1 else 16 if im.mode.startswith("I;16") or top <= 65535 else 32
+    half = (1 << (bits - 1)) - 1
+    if top <= half:
+        raise DataError(
+            f"mask {path} has values 0..{top}: a {bits}-bit rater mask is 0/1 (foreground 1) or has its foreground "
+            f"above {half}, so this one would read as empty; save it as 0/{(1 << bits) - 1} or 0/1."
+        )
+    return array > half
 
 
 def load_lidc_cases(
@@ -106,7 +153,6 @@ def load_lidc_cases(
     items = []
     for case in tqdm(find_lidc_cases(dataset_dir, split, num_raters), desc=f"reading {split}", disable=not progress):
         image = read_png_image(case["image"], 1)
-        check_finite(image, case["image"])
         masks = []
         for path in case["label"]:
             mask = read_binary_mask(path)
