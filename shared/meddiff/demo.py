@@ -1,15 +1,24 @@
-"""The demo: train each bundle briefly on built-in (or the user's) data, generate, evaluate, write a report."""
+"""The demo: train each bundle briefly on built-in (or the user's) data, generate, evaluate, write a report.
+
+Results go to ``OUTPUT_DIR/<bundle>/`` (``grid.png``, ``metrics.json``, ``models/``, the generated data and, with
+the built-in data, ``demo_data/``); they appear only when the whole demo finished (see `run_demo`).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from monai.utils import optional_import
 
 from meddiff.data.errors import DataError
+from meddiff.errors import OptionError, UserError
+from meddiff.io import OutputExistsError, check_writable, make_staging_dir
+from meddiff.options import parse
 
 __all__ = ["DEMO_BUNDLES", "bundles_dir", "run_bundle", "run_demo"]
 
@@ -44,6 +53,51 @@ def run_bundle(
     )
 
 
+def _forbidden_places() -> list[tuple[Path, str, bool]]:
+    """(folder, what it is, whether an output inside it is allowed) the demo must never write over."""
+    package = Path(__file__).resolve().parent
+    places = [(package, "the meddiff package folder", False)]
+    try:
+        bundles = bundles_dir().resolve()
+    except FileNotFoundError:
+        return places
+    return places + [(bundles.parent, "the repository", True), (bundles, "the bundles folder", False)]
+
+
+def _check_output_place(out: Path, dataset_dir: str | None) -> None:
+    """Refuse an output folder that is, holds or lies inside the dataset, the bundles, the package or the repository.
+
+    Inside the repository is allowed (the README runs the demo from there with ``--output_dir demo_output``).
+    """
+    real = out.resolve()
+    places = _forbidden_places()
+    if dataset_dir is not None:
+        places.insert(0, (Path(dataset_dir).resolve(), f"the dataset {dataset_dir}", False))
+    for place, what, inside_ok in places:
+        if real == place or place.is_relative_to(real) or (real.is_relative_to(place) and not inside_ok):
+            raise UserError(
+                f"the demo's output folder {out} is, holds or lies inside {what} ({place}), which --overwrite "
+                "would replace: choose another --output_dir."
+            )
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Put the finished `staging` folder at `out`: the old results are renamed aside first and removed last."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def run_demo(
     bundle: str,
     output_dir: str | Path,
@@ -51,32 +105,57 @@ def run_demo(
     overwrite: bool = False,
     **overrides: Any,
 ) -> dict:
-    """Train, generate and evaluate one bundle with its `configs/demo.json`; return the metrics it wrote."""
+    """Train, generate and evaluate one bundle with its `configs/demo.json`; return the metrics it wrote.
+
+    Everything is checked before any work: the bundle has a demo, `dataset_dir` exists, ``OUTPUT_DIR/<bundle>`` is
+    not, does not hold and is not inside the dataset, the bundles folder or the package (nor is it or does it hold
+    the repository), it can be written, and it is empty or absent unless `overwrite`. The whole demo (the built-in
+    data included) then runs into ``OUTPUT_DIR/.<bundle>.staging-<host>-<pid>-<random>/``, which is the configs'
+    ``bundle_root``; only when training, inference and evaluation have all finished does it replace
+    ``OUTPUT_DIR/<bundle>`` (the old results renamed aside, then removed). A failed or interrupted demo removes its
+    staging folder and leaves the old results untouched; a staging folder left by a dead process is removed by the
+    next demo of that bundle. `overrides` are further bundle settings, passed to every config.
+    """
+    overwrite = parse("overwrite", overwrite)
     bundle_dir = bundles_dir() / bundle
     demo_file = bundle_dir / "configs" / "demo.json"
     if not demo_file.is_file():
-        raise ValueError(f"bundle {bundle!r} has no demo ({demo_file} missing); choose one of {list(DEMO_BUNDLES)}.")
+        raise OptionError(f"bundle {bundle!r} has no demo ({demo_file} missing); choose one of {list(DEMO_BUNDLES)}.")
+    owned = sorted({"bundle_root", "dataset_dir", "logging_file"} & set(overrides))
+    if owned:
+        raise OptionError(f"--{owned[0]} is set by the demo itself; run the bundle directly to choose it.")
+    if dataset_dir is not None and not Path(dataset_dir).is_dir():
+        raise DataError(f"dataset_dir {dataset_dir} does not exist or is not a folder: pass the dataset's folder.")
     out = Path(output_dir) / bundle
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds results: choose another --output_dir or pass --overwrite.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if dataset_dir is None:
-        module, name = json.loads(demo_file.read_text())["demo_data"].rsplit(".", 1)
-        maker, has_maker = optional_import(module, name=name)
-        if not has_maker:
-            raise ImportError(f"cannot import the demo data maker named in {demo_file}.")
-        dataset_dir = str(maker(str(out / "demo_data")))
-    elif not Path(dataset_dir).is_dir():
-        raise DataError(f"dataset_dir {dataset_dir} does not exist.")
-    settings = {
-        "bundle_root": str(out),
-        "dataset_dir": str(dataset_dir),
-        "logging_file": str(QUIET_LOGGING),
-        **overrides,
-    }
-    run_bundle(bundle_dir, "training", ["train.json", "demo.json"], **settings)
-    run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **settings)
-    run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **settings)
-    return json.loads((out / "metrics.json").read_text())
+    _check_output_place(out, dataset_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file: choose another --output_dir or move it away.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out} already holds results: choose another --output_dir or pass --overwrite true to replace them "
+            "once the new run has finished."
+        )
+    check_writable(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(out.parent, bundle)
+    try:
+        if dataset_dir is None:
+            module, name = json.loads(demo_file.read_text())["demo_data"].rsplit(".", 1)
+            maker, has_maker = optional_import(module, name=name)
+            if not has_maker:
+                raise ImportError(f"cannot import the demo data maker named in {demo_file}.")
+            dataset_dir = str(maker(str(staging / "demo_data")))
+        settings = {
+            "bundle_root": str(staging),
+            "dataset_dir": str(dataset_dir),
+            "logging_file": str(QUIET_LOGGING),
+            **overrides,
+        }
+        run_bundle(bundle_dir, "training", ["train.json", "demo.json"], **settings)
+        run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **settings)
+        run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **settings)
+        metrics = json.loads((staging / "metrics.json").read_text())
+        _replace(out, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,10 @@ from meddiff.data.lidc import (
     window_to_uint8,
 )
 from meddiff.data.slices import resize_image, resize_label
-from meddiff.io import atomic_write, check_new_output, save_json, save_png
+from meddiff.errors import OptionError
+from meddiff.io import StagedOutput, atomic_write, check_new_output, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
+from meddiff.options import check, parse
 from meddiff.precision import cast_for_inference, check_precision, to_memory_format
 from meddiff.sampling import make_generator, sample
 from meddiff.schedulers import make_sampling_scheduler
@@ -52,6 +54,19 @@ class EnsembleSamplingInferer(Inferer):
     ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
     ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
     ``seed`` and ``output`` can be overridden per call as keyword arguments.
+
+    Args:
+        num_samples: members per ensemble (option ``--num_samples``, at least 2).
+        sampler: "ddim", "ddpm" or "respaced".
+        num_inference_steps: reverse steps per member.
+        num_train_timesteps: the timesteps the model was trained with.
+        schedule: the noise schedule's name, as in training.
+        precision: "auto", "fp32", "bf16" or "fp16" for sampling.
+        channels_last: run the network in channels-last memory format.
+        seed: the generator's seed (None: nondeterministic).
+        output: "frequency", "samples" or "majority" (see above).
+        threshold: members are ``x_0 > threshold``.
+        progress: show the sampling progress bar.
     """
 
     def __init__(
@@ -69,14 +84,14 @@ class EnsembleSamplingInferer(Inferer):
         progress: bool = False,
     ) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
-        self.num_samples, self.sampler, self.num_inference_steps = num_samples, sampler, num_inference_steps
-        self.num_train_timesteps, self.schedule = num_train_timesteps, schedule
-        self.precision, self.channels_last = check_precision(precision), channels_last
-        self.seed, self.output, self.threshold, self.progress = seed, output, threshold, progress
+        self.num_samples, self.sampler = parse("num_samples", num_samples), parse("sampler", sampler)
+        self.num_inference_steps = parse("num_inference_steps", num_inference_steps)
+        self.num_train_timesteps, self.schedule = parse("num_train_timesteps", num_train_timesteps), schedule
+        self.precision, self.channels_last = check_precision(precision), parse("channels_last", channels_last)
+        self.seed = None if seed is None else parse("seed", seed)
+        self.output, self.threshold, self.progress = output, threshold, parse("progress", progress)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample the ensembles of a batch of images and return them in the form `output` names."""
@@ -118,14 +133,14 @@ class EnsembleSamplingInferer(Inferer):
         return (masks[:, 0] > self.threshold).view(batch, n, *inputs.shape[2:])
 
 
-def _write_ensemble(samples: np.ndarray, folder: Path, overwrite: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Write N binary masks, the frequency map and the majority as PNG; return (frequency, majority)."""
+def _write_ensemble(samples: np.ndarray, folder: Path, place: Callable[[Path], Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Write N binary masks, the frequency map and the majority as PNG to `place(final path)`."""
     for k, member in enumerate(samples):
-        save_png(member.astype(np.uint8) * 255, folder / f"sample_{k:02d}.png", overwrite)
+        save_png(member.astype(np.uint8) * 255, place(folder / f"sample_{k:02d}.png"))
     frequency = samples.mean(axis=0)
     majority = majority_mask(samples.astype(bool))
-    save_png(np.round(frequency * 255).astype(np.uint8), folder / "frequency.png", overwrite)
-    save_png(majority * 255, folder / "majority.png", overwrite)
+    save_png(np.round(frequency * 255).astype(np.uint8), place(folder / "frequency.png"))
+    save_png(majority * 255, place(folder / "majority.png"))
     return frequency, majority
 
 
@@ -135,7 +150,24 @@ class EnsembleSegmentation:
     Writes ``<output_dir>/<case>/sample_XX.png`` (0/255), ``frequency.png`` (round(255 * fraction of members)),
     ``majority.png`` (strictly more than half of the members), all at the case's own image size;
     ``<output_dir>/ensembles.json`` (settings and cases) and `grid_file` (image, references, members, frequency).
-    Every output path is checked before sampling starts; nothing is overwritten unless `overwrite` is set.
+    The files appear all together when every case is done (`meddiff.io.StagedOutput`, the manifest last): every
+    output path is checked before sampling starts, nothing is replaced unless `overwrite` is set, and a failed or
+    interrupted run leaves `output_dir` as it was.
+
+    Args:
+        network: the trained `meddiff.networks.CIMDNetwork`.
+        inferer: the `EnsembleSamplingInferer` that samples each case.
+        dataset_dir: cases in the seed's layout.
+        output_dir: where the ensembles go.
+        split: the split of `dataset_dir` to segment.
+        img_size: the network's square input size.
+        num_raters: reference masks per case (shown in the grid).
+        grid_file: the preview grid (default ``<output_dir>/grid.png``).
+        grid_size: rows of the preview grid.
+        seed: case i is sampled with ``seed + i``.
+        max_items: the first `max_items` cases only (None: all).
+        overwrite: replace existing outputs.
+        progress: show a progress bar.
     """
 
     def __init__(
@@ -155,32 +187,45 @@ class EnsembleSegmentation:
         progress: bool = True,
     ) -> None:
         self.network, self.inferer, self.dataset_dir, self.output_dir = network, inferer, dataset_dir, Path(output_dir)
-        self.split, self.img_size, self.num_raters, self.seed = split, img_size, num_raters, seed
+        self.split, self.img_size, self.num_raters = split, parse("img_size", img_size), parse("num_raters", num_raters)
+        self.seed, self.max_items = parse("seed", seed), parse("max_items", max_items)
         self.grid_file = Path(grid_file) if grid_file else self.output_dir / "grid.png"
-        self.grid_size, self.max_items, self.overwrite, self.progress = grid_size, max_items, overwrite, progress
+        self.grid_size, self.overwrite, self.progress = (
+            grid_size,
+            parse("overwrite", overwrite),
+            parse("progress", progress),
+        )
 
     def run(self) -> dict:
         """Sample and write every case; return the manifest."""
-        cases = load_lidc_cases(self.dataset_dir, self.split, None, self.num_raters, progress=False)
-        cases = cases[: self.max_items] if self.max_items else cases
+        found = find_lidc_cases(self.dataset_dir, self.split, self.num_raters)
+        found = found[: self.max_items] if self.max_items else found
         n = self.inferer.num_samples
         names = [f"sample_{k:02d}.png" for k in range(n)] + ["frequency.png", "majority.png"]
-        for path in [self.output_dir / MANIFEST] + [self.output_dir / c["name"] / f for c in cases for f in names]:
-            check_new_output(path, self.overwrite)
+        targets = [self.output_dir / c["name"] / f for c in found for f in names] + [self.grid_file]
+        staged = StagedOutput(self.output_dir, targets, [self.dataset_dir], self.overwrite, self.output_dir / MANIFEST)
+        with staged as stage:
+            return self._run(stage, len(found))
+
+    def _run(self, stage: StagedOutput, num_cases: int) -> dict:
+        cases = load_lidc_cases(self.dataset_dir, self.split, None, self.num_raters, progress=False)[:num_cases]
+        n = self.inferer.num_samples
         device = next(self.network.parameters()).device
         rows = []
         for i, case in enumerate(tqdm(cases, desc="sampling ensembles", disable=not self.progress)):
             image = torch.from_numpy(resize_image(case["image"], self.img_size))[None].to(device)
             samples = self.inferer(image, self.network, seed=self.seed + i, output="samples")[0].cpu().numpy()
             full = resize_label(samples.astype(np.int64), case["image"].shape[1:]).astype(bool)
-            _write_ensemble(full, self.output_dir / case["name"], self.overwrite)
+            _write_ensemble(full, self.output_dir / case["name"], stage.path)
             if i < self.grid_size:
                 refs = resize_label(case["label"].astype(np.int64), self.img_size)
                 row = [to_rgb_tile(image[0].cpu().numpy())]
                 row += [to_rgb_tile(m, (0.0, 1.0)) for m in (*refs, *samples, samples.mean(axis=0))]
                 rows.append(row)
         if rows:
-            save_grid(rows, self.grid_file)
+            labels = ["image", *(f"rater {r + 1}" for r in range(self.num_raters))]
+            labels += [*(f"member {k + 1}" for k in range(n)), "frequency"]
+            save_grid(rows, stage.path(self.grid_file), column_labels=labels)
         manifest = {
             "cases": [c["name"] for c in cases],
             "dataset_dir": str(self.dataset_dir),
@@ -191,7 +236,7 @@ class EnsembleSegmentation:
             "seed": self.seed,
             "img_size": self.img_size,
         }
-        save_json(manifest, self.output_dir / MANIFEST, overwrite=self.overwrite)
+        save_json(manifest, stage.path(self.output_dir / MANIFEST))
         return manifest
 
 
@@ -210,7 +255,7 @@ def evaluate_ensembles(
     Dice of the members' majority against the references' majority (strictly more than half, so 3 of 4 raters).
     ``mean`` averages each over the images.
     """
-    root = Path(ensemble_dir)
+    root, num_raters, overwrite = Path(ensemble_dir), parse("num_raters", num_raters), parse("overwrite", overwrite)
     check_new_output(metrics_file, overwrite)
     if not (root / MANIFEST).is_file():
         raise DataError(f"{root / MANIFEST} does not exist: run inference into {root} before evaluating it.")
@@ -251,7 +296,24 @@ class DicomNoduleEnsembles:
     and resized to `img_size`. Per nodule ``<output_dir>/nodule_XX/`` gets ``majority.nii.gz`` (uint8) and
     ``frequency.nii.gz`` (float32) on the CT's grid, ``samples.nii.gz`` (4D: the N members on the nodule's slice)
     and ``seg.dcm``, a DICOM SEG referencing the series with one segment for the majority and one per threshold
-    in `frequency_thresholds` (frequency >= t).
+    in `frequency_thresholds` (frequency >= t); ``<output_dir>/nodules.json`` lists the nodules. The files appear
+    all together when every nodule is done (`meddiff.io.StagedOutput`, the manifest last), so with `overwrite` a
+    nodule's NIfTIs and SEG are replaced together and a failed run changes nothing.
+
+    Args:
+        network: the trained `meddiff.networks.CIMDNetwork`.
+        inferer: the `EnsembleSamplingInferer` that samples each nodule.
+        dicom_dir: the folder holding the CT series' files.
+        centres: the nodules' centres, [[x, y, z], ...].
+        output_dir: where the nodule folders go.
+        centre_space: "voxel" or "patient".
+        img_size: the network's square input size.
+        crop_size: side of the square cut around each centre, in resampled pixels.
+        crop_spacing_mm: pixel spacing of the crop (None keeps the series' spacing).
+        hu_window: [lowest, highest] HU mapped to 0..255.
+        frequency_thresholds: increasing member fractions in (0, 1), one SEG segment each.
+        seed: nodule j is sampled with ``seed + j``.
+        overwrite: replace existing outputs.
     """
 
     def __init__(
@@ -270,22 +332,23 @@ class DicomNoduleEnsembles:
         seed: int = 0,
         overwrite: bool = False,
     ) -> None:
-        if centre_space not in ("voxel", "patient"):
-            raise ValueError(f"centre_space must be 'voxel' or 'patient', got {centre_space!r}.")
+        check(centre_space in ("voxel", "patient"), f"--centre_space must be voxel or patient, got {centre_space!r}.")
         self.network, self.inferer, self.dicom_dir, self.output_dir = network, inferer, dicom_dir, Path(output_dir)
         self.centres, self.centre_space = [tuple(float(v) for v in c) for c in centres], centre_space
-        self.img_size, self.crop_size, self.crop_spacing_mm = img_size, crop_size, crop_spacing_mm
-        self.hu_window, self.frequency_thresholds = tuple(hu_window), tuple(frequency_thresholds)
-        self.seed, self.overwrite = seed, overwrite
+        self.img_size, self.crop_size = parse("img_size", img_size), parse("crop_size", crop_size)
+        self.crop_spacing_mm = None if crop_spacing_mm is None else parse("crop_spacing_mm", crop_spacing_mm)
+        self.hu_window = tuple(parse("hu_window", hu_window))
+        self.frequency_thresholds = tuple(parse("frequency_thresholds", frequency_thresholds))
+        self.seed, self.overwrite = parse("seed", seed), parse("overwrite", overwrite)
 
     def _index(self, image: Any, centre: tuple[float, ...]) -> tuple[float, float, int]:
         """(row, col, slice) of a centre, checked to lie inside the volume."""
         if len(centre) != 3:
-            raise ValueError(f"nodule centre {list(centre)} must have 3 coordinates (x, y, z).")
+            raise OptionError(f"nodule centre {list(centre)} must have 3 coordinates (x, y, z).")
         x, y, z = image.TransformPhysicalPointToContinuousIndex(centre) if self.centre_space == "patient" else centre
         size = image.GetSize()
         if not all(-0.5 <= v < s - 0.5 for v, s in zip((x, y, z), size)):
-            raise ValueError(
+            raise OptionError(
                 f"nodule centre {list(centre)} ({self.centre_space}) is outside the series in {self.dicom_dir} "
                 f"(index {[round(v, 1) for v in (x, y, z)]}, size {list(size)}); check centre_space."
             )
@@ -293,20 +356,27 @@ class DicomNoduleEnsembles:
 
     def run(self) -> list[dict]:
         """Segment every nodule and write its files; return one record per nodule."""
+        from meddiff.dicom import read_series
+
+        if not self.centres:
+            raise OptionError("no nodule centres given: pass --nodule_centres as [[x, y, z], ...].")
+        names = ("majority.nii.gz", "frequency.nii.gz", "samples.nii.gz", "seg.dcm")
+        targets = [self.output_dir / f"nodule_{j:02d}" / name for j in range(len(self.centres)) for name in names]
+        manifest = self.output_dir / "nodules.json"
+        staged = StagedOutput(self.output_dir, targets, [self.dicom_dir], self.overwrite, manifest)
+        image = read_series(self.dicom_dir)
+        indices = [self._index(image, c) for c in self.centres]
+        with staged as stage:
+            records = self._segment(image, indices, stage)
+            save_json(records, stage.path(manifest))
+        return records
+
+    def _segment(self, image: Any, indices: list[tuple[float, float, int]], stage: StagedOutput) -> list[dict]:
         import SimpleITK as sitk
 
         from meddiff import __version__
-        from meddiff.dicom import NODULE_CODES, read_series, write_like, write_seg
+        from meddiff.dicom import NODULE_CODES, write_like, write_seg
 
-        if not self.centres:
-            raise ValueError("no nodule centres given: pass nodule_centres as [[x, y, z], ...].")
-        image = read_series(self.dicom_dir)
-        indices = [self._index(image, c) for c in self.centres]
-        names = ("majority.nii.gz", "frequency.nii.gz", "samples.nii.gz", "seg.dcm")
-        check_new_output(self.output_dir / "nodules.json", self.overwrite)
-        for j in range(len(indices)):
-            for name in names:
-                check_new_output(self.output_dir / f"nodule_{j:02d}" / name, self.overwrite)
         hu = sitk.GetArrayViewFromImage(image)
         spacing_x, spacing_y = image.GetSpacing()[:2]
         target = self.crop_spacing_mm
@@ -324,15 +394,14 @@ class DicomNoduleEnsembles:
             majority = np.zeros(hu.shape, np.uint8)
             majority[k] = majority_mask(plane.astype(bool))
             folder = self.output_dir / f"nodule_{j:02d}"
-            write_like(majority, image, folder / "majority.nii.gz", self.overwrite)
-            write_like(frequency, image, folder / "frequency.nii.gz", self.overwrite)
+            write_like(majority, image, stage.path(folder / "majority.nii.gz"))
+            write_like(frequency, image, stage.path(folder / "frequency.nii.gz"))
             members = [sitk.GetImageFromArray(m[None]) for m in plane]
             for m in members:
                 m.CopyInformation(image[:, :, k : k + 1])
             atomic_write(
-                folder / "samples.nii.gz",
+                stage.path(folder / "samples.nii.gz"),
                 lambda tmp, s=sitk.JoinSeries(members): sitk.WriteImage(s, tmp, True),
-                self.overwrite,
             )
             segments = {
                 "majority": majority,
@@ -341,7 +410,7 @@ class DicomNoduleEnsembles:
             write_seg(
                 segments,
                 self.dicom_dir,
-                folder / "seg.dcm",
+                stage.path(folder / "seg.dcm"),
                 algorithm_name="CIMD ensemble",
                 algorithm_version=__version__,
                 series_description=f"CIMD nodule {j} ({self.inferer.num_samples} samples)",
@@ -350,5 +419,4 @@ class DicomNoduleEnsembles:
             records.append(
                 {"nodule": j, "centre": list(self.centres[j]), "index": [col, row, k], "folder": str(folder)}
             )
-        save_json(records, self.output_dir / "nodules.json", overwrite=self.overwrite)
         return records

@@ -1,4 +1,7 @@
-"""Score generated image+mask pairs: realism (FID), diversity (MS-SSIM) and mask faithfulness (Dice)."""
+"""Score generated image+mask pairs: realism (FID), diversity (MS-SSIM) and mask faithfulness (Dice).
+
+The metrics file is never replaced unless ``overwrite`` is set, and that is checked before anything is computed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import numpy as np
 import torch
 
 from meddiff.data.layouts import load_slices
-from meddiff.io import save_json
+from meddiff.io import check_new_output, save_json
+from meddiff.options import check, parse
 from meddiff.precision import autocast
 
 __all__ = ["evaluate_mask_conditioned_generation", "segment"]
@@ -36,12 +40,14 @@ def evaluate_mask_conditioned_generation(
     num_img_channels: int = 1,
     fid_weights: str | None = None,
     precision: str = "fp32",
+    overwrite: bool = False,
 ) -> dict:
     """Compute FID (real vs generated), MS-SSIM diversity and faithfulness Dice, write them as JSON, return them.
 
     Faithfulness (Konz et al. 2024): Dice between each conditioning mask and the prediction of a segmentation
     network trained on real images, run on the generated image; the same network's Dice on the real images is
-    reported beside it as the ceiling.
+    reported beside it as the ceiling. An existing `output_file` is refused (`meddiff.io.OutputExistsError`) before
+    any work unless `overwrite` (option ``--overwrite``) is true.
     """
     from meddiff.metrics import (
         InceptionFeatures,
@@ -50,6 +56,10 @@ def evaluate_mask_conditioned_generation(
         ms_ssim_diversity,
     )
 
+    num_classes, img_size = parse("num_classes", num_classes), parse("img_size", img_size)
+    check(num_classes is not None, "--num_classes must be set to evaluate: the label classes, background included.")
+    num_img_channels = parse("num_img_channels", num_img_channels)
+    check_new_output(output_file, parse("overwrite", overwrite))
     generated = load_slices(
         "auto",
         dataset_dir=generated_dir,
@@ -81,5 +91,5 @@ def evaluate_mask_conditioned_generation(
             metrics["fid"] = frechet_inception_distance(
                 features(torch.from_numpy(real_images)), features(torch.from_numpy(gen_images))
             )
-    save_json(metrics, output_file, overwrite=True)
+    save_json(metrics, output_file, overwrite=True)  # checked above, before the work
     return metrics

@@ -173,11 +173,13 @@ RULES: dict[str, Rule] = {
     # diffusion
     "num_train_timesteps": Rule("int", low=2, high=100_000),
     "num_inference_steps": _POSITIVE_INT,
-    "sampler": Rule("choice", choices=("ddpm", "ddim", "respaced")),
+    "sampler": Rule("choice", choices=("ddpm", "ddim")),
     "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
     # DICOM nodule path
     "crop_size": Rule("int", low=8, high=4096),
-    "crop_spacing_mm": Rule("float", low=0.0, low_open=True, high=100.0),
+    "crop_spacing_mm": Rule(
+        "float", low=0.0, low_open=True, high=100.0, optional=True, hint="leave it out for the series spacing"
+    ),
     "hu_window": Rule("floats", length=2, increasing=True, low=-5000.0, high=40000.0, hint="[lowest HU, highest HU]"),
     "frequency_thresholds": Rule(
         "floats", low=0.0, high=1.0, low_open=True, high_open=True, increasing=True, hint="member fractions in (0, 1)"
