@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from test_breast_mri_bundle import TINY
 
 from meddiff.cli import metrics_table, parse_settings
 from meddiff.demo import bundles_dir, run_bundle
@@ -23,18 +24,7 @@ from meddiff.errors import OptionError, find_user_error, format_user_error
 
 MRI = bundles_dir() / "breast_mri_seg_guided_generation"
 LIDC = bundles_dir() / "lidc_ambiguous_segmentation"
-TINY_MRI = {
-    "img_size": 16,
-    "network_channels": [8, 16],
-    "attention_levels": [False, True],
-    "num_res_blocks": 1,
-    "norm_num_groups": 8,
-    "num_head_channels": 8,
-    "batch_size": 8,
-    "num_epochs": 1,
-    "segmenter_epochs": 1,
-    "num_inference_steps": 2,
-}
+TINY_MRI = {**TINY, "num_inference_steps": 2}
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -192,3 +182,73 @@ def test_metrics_table_flattens_means() -> None:
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "value"]
     assert [line.split() for line in lines[2:]] == [["num_images", "3"], ["ged", "0.5000"], ["ci", "0.2500"]]
+
+
+@pytest.fixture(scope="module")
+def trained_lidc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny LIDC bundle trained for one epoch on the built-in synthetic crops: (bundle_root, dataset_dir)."""
+    from test_lidc_workflow import TINY as TINY_LIDC
+
+    from meddiff.data.lidc import make_synthetic_lidc
+
+    root = tmp_path_factory.mktemp("lidc")
+    data = Path(make_synthetic_lidc(str(root / "data"), num_train=4, num_test=2, size=32))
+    run_bundle(
+        LIDC,
+        "training",
+        ["train.json", "demo.json"],
+        bundle_root=str(root),
+        dataset_dir=str(data),
+        **{**TINY_LIDC, "num_epochs": 1},
+    )
+    return root, data
+
+
+def _lidc(run_id: str, configs: list[str], root: Path, data: Path, **settings: object) -> None:
+    from test_lidc_workflow import TINY as TINY_LIDC
+
+    run_bundle(
+        LIDC, run_id, [*configs, "demo.json"], bundle_root=str(root), dataset_dir=str(data), **{**TINY_LIDC, **settings}
+    )
+
+
+def test_bundle_inference_rerun_with_overwrite_false_keeps_files(trained_lidc: tuple[Path, Path]) -> None:
+    root, data = trained_lidc
+    _lidc("run", ["inference.json"], root, data, output_dir=str(root / "out"))
+    written = {p: p.read_bytes() for p in (root / "out").rglob("*.png")}
+    with pytest.raises(Exception) as info:
+        _lidc("run", ["inference.json"], root, data, output_dir=str(root / "out"), overwrite="false", seed=5)
+    assert "already exist" in format_user_error(find_user_error(info.value))
+    assert {p: p.read_bytes() for p in (root / "out").rglob("*.png")} == written
+    _lidc("run", ["inference.json"], root, data, output_dir=str(root / "out"), overwrite="TRUE", seed=5)
+    assert {p: p.read_bytes() for p in (root / "out").rglob("*.png")} != written
+
+
+def test_bundle_inference_refuses_settings_the_model_was_not_trained_with(trained_lidc: tuple[Path, Path]) -> None:
+    root, data = trained_lidc
+    with pytest.raises(Exception) as info:
+        _lidc("run", ["inference.json"], root, data, output_dir=str(root / "other"), num_train_timesteps=500)
+    line = format_user_error(find_user_error(info.value))
+    assert "num_train_timesteps=1000" in line and "num_train_timesteps=500" in line
+    assert not (root / "other").exists()
+
+
+def test_bundle_training_refuses_to_replace_weights_trained_elsewhere(tmp_path: Path) -> None:
+    from meddiff.data.lidc import make_synthetic_lidc
+
+    data = Path(make_synthetic_lidc(str(tmp_path / "data"), num_train=2, num_test=1, size=32))
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    (tmp_path / "run" / "models" / "model.pt").write_bytes(b"weights from elsewhere")
+    with pytest.raises(Exception) as info:
+        _lidc("training", ["train.json"], tmp_path / "run", data, num_epochs=1)
+    assert "no checkpoint" in format_user_error(find_user_error(info.value))
+    assert (tmp_path / "run" / "models" / "model.pt").read_bytes() == b"weights from elsewhere"
+
+
+def test_demo_overwrite_never_deletes_a_dataset_inside_the_output(tmp_path: Path) -> None:
+    data = write_msd_classes(tmp_path / "out" / "breast_mri_seg_guided_generation" / "data", num_classes=4)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    base = ["-m", "meddiff", "demo", "--bundle", "breast_mri_seg_guided_generation", "--dataset_dir", str(data)]
+    proc = cli([*base, "--output_dir", str(tmp_path / "out"), "--overwrite"], cwd=tmp_path)
+    assert_one_line_error(proc, str(data))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

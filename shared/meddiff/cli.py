@@ -138,8 +138,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         start = time.perf_counter()
         out = Path(args.output_dir) / bundle
         print(f"== {bundle}: training, generating, evaluating (results in {out}/)", flush=True)
-        metrics = run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=overwrite, **settings)
-        print(metrics_table(metrics))
+        run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=overwrite, **settings)  # prints its metrics
         elapsed = time.perf_counter() - start
         print(f"== {bundle} done in {elapsed:.0f} s: {out}/grid.png, {out}/metrics.json", flush=True)
     return 0

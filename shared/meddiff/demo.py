@@ -6,14 +6,13 @@ the built-in data, ``demo_data/``); they appear only when the whole demo finishe
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-
-from monai.utils import optional_import
 
 from meddiff.data.errors import DataError
 from meddiff.errors import OptionError, UserError
@@ -141,9 +140,7 @@ def run_demo(
     try:
         if dataset_dir is None:
             module, name = json.loads(demo_file.read_text())["demo_data"].rsplit(".", 1)
-            maker, has_maker = optional_import(module, name=name)
-            if not has_maker:
-                raise ImportError(f"cannot import the demo data maker named in {demo_file}.")
+            maker = getattr(importlib.import_module(module), name)
             dataset_dir = str(maker(str(staging / "demo_data")))
         settings = {
             "bundle_root": str(staging),

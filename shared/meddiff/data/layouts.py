@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.readers import folder_entries, read_image
+from meddiff.data.readers import folder_entries, read_image, read_mask_channel
 from meddiff.data.slices import resize_image, resize_label, volume_to_slices
 
 __all__ = [
@@ -270,14 +270,7 @@ def read_png_image(path: str, num_img_channels: int) -> np.ndarray:
 
 def read_png_mask(path: str) -> np.ndarray:
     """Read an integer class mask as (1,H,W) int64; colour masks must hold equal channels (alpha is ignored)."""
-    im = read_image(path)
-    array = np.asarray(im)
-    if array.ndim == 3:
-        if im.mode.endswith("A"):
-            array = array[..., :-1]
-        if not (array == array[..., :1]).all():
-            raise DataError(f"mask {path} is a colour image: save class indices 0..N-1 in one channel.")
-        array = array[..., 0]
+    array, _ = read_mask_channel(path, "save class indices 0..N-1 in one channel.")
     return check_label(array[None], None, path)
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from meddiff.data.errors import DataError
 from meddiff.data.layouts import IMAGE_SUFFIXES, read_png_image
-from meddiff.data.readers import folder_entries, read_image
+from meddiff.data.readers import folder_entries, read_mask_channel
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.io import OutputExistsError, atomic_write, save_json
 
@@ -110,17 +110,7 @@ def find_lidc_cases(dataset_dir: str | Path, split: str = "training", num_raters
 
 def read_binary_mask(path: str | Path) -> np.ndarray:
     """Read a rater's mask as (H,W) bool by the module's binarisation rule (0/1 masks, else above half the range)."""
-    im = read_image(path)
-    array = np.asarray(im)
-    if array.ndim == 3:
-        if im.mode.endswith("A"):
-            array = array[..., :-1]
-        if not (array == array[..., :1]).all():
-            raise DataError(
-                f"mask {path} is a colour image whose channels differ: save the rater's mask as one grey channel "
-                "(0/255 or 0/1)."
-            )
-        array = array[..., 0]
+    array, mode = read_mask_channel(path, "save the rater's mask as one grey channel (0/255 or 0/1).")
     if array.dtype == bool:
         return array
     if array.dtype.kind == "f":
@@ -132,7 +122,7 @@ def read_binary_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"mask {path} holds negative values: save the rater's mask as 0/255 or 0/1.")
     if top <= 1:
         return array == 1
-    bits = 8 if array.dtype.itemsize == 1 else 16 if im.mode.startswith("I;16") or top <= 65535 else 32
+    bits = 8 if array.dtype.itemsize == 1 else 16 if mode.startswith("I;16") or top <= 65535 else 32
     half = (1 << (bits - 1)) - 1
     if top <= half:
         raise DataError(

@@ -28,6 +28,7 @@ import numpy as np
 from meddiff.data.errors import DataError
 
 __all__ = [
+    "read_mask_channel",
     "MAX_DEFLATE_RATIO",
     "MAX_VOXELS",
     "check_declared_size",
@@ -145,6 +146,24 @@ def read_image(path: str | os.PathLike):  # -> PIL.Image.Image
         raise unreadable(path, f"too many pixels: {err}") from err
     except _DECODE_ERRORS as err:
         raise unreadable(path, err) from err
+
+
+def read_mask_channel(path: str | os.PathLike, fix: str) -> tuple[np.ndarray, str]:
+    """A mask file's one channel (H,W) and PIL mode; colour masks need equal channels (alpha is ignored).
+
+    Args:
+        path: the mask file.
+        fix: what to do instead, ending the error raised for a colour mask whose channels differ.
+    """
+    im = read_image(path)
+    array = np.asarray(im)
+    if array.ndim == 3:
+        if im.mode.endswith("A"):
+            array = array[..., :-1]
+        if not (array == array[..., :1]).all():
+            raise DataError(f"mask {path} is a colour image whose channels differ: {fix}")
+        array = array[..., 0]
+    return array, im.mode
 
 
 def check_declared_size(
