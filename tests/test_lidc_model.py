@@ -24,11 +24,11 @@ from meddiff.networks import AxisAlignedConvGaussian, CIMDNetwork
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lidc_ambiguous_segmentation"
 
 
-def tiny_network(latent_dim: int = 3) -> CIMDNetwork:
+def tiny_network(latent_dim: int = 3, design: str = "paper") -> CIMDNetwork:
     torch.manual_seed(0)
     denoiser = DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=2 + latent_dim,
+        in_channels=2 + (latent_dim if design == "cvae" else 0),
         out_channels=1,
         channels=(8, 16),
         attention_levels=(False, True),
@@ -39,45 +39,114 @@ def tiny_network(latent_dim: int = 3) -> CIMDNetwork:
     for p in denoiser.parameters():  # MONAI starts some convolutions at zero: give the untrained net an output
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    prior = AxisAlignedConvGaussian(2, 1, latent_dim, channels=(4, 8), convs_per_block=1)
+    prior = AxisAlignedConvGaussian(2, 1 if design == "cvae" else 2, latent_dim, channels=(4, 8), convs_per_block=1)
     posterior = AxisAlignedConvGaussian(2, 2, latent_dim, channels=(4, 8), convs_per_block=1)
-    return CIMDNetwork(denoiser, prior, posterior)
+    return CIMDNetwork(denoiser, prior, posterior, design=design)
 
 
 def test_network_channel_checks():
     net = tiny_network()
-    with pytest.raises(ValueError, match="in_channels=5 but needs 7"):
-        CIMDNetwork(net.denoiser, AxisAlignedConvGaussian(2, 1, 5), AxisAlignedConvGaussian(2, 2, 5))
-    with pytest.raises(ValueError, match="posterior needs|prior needs"):
-        CIMDNetwork(net.denoiser, net.prior, AxisAlignedConvGaussian(2, 1, 3))
-    with pytest.raises(ValueError, match="needs `mask`"):
-        net(torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="in_channels=2 but needs 7"):
+        CIMDNetwork(net.denoiser, AxisAlignedConvGaussian(2, 1, 5), AxisAlignedConvGaussian(2, 2, 5), design="cvae")
+    with pytest.raises(ValueError, match="prior needs in_channels=2"):
+        CIMDNetwork(net.denoiser, AxisAlignedConvGaussian(2, 1, 3), net.posterior)
+    with pytest.raises(ValueError, match="design must be one of"):
+        CIMDNetwork(net.denoiser, net.prior, net.posterior, design="latent")
+    with pytest.raises(ValueError, match="needs `alpha_bar`"):
+        x = torch.zeros(1, 1, 16, 16)
+        net(x, torch.zeros(1, dtype=torch.long), x, mask=x)
+    with pytest.raises(ValueError, match="needs `latent`"):
+        tiny_network(design="cvae")(x, torch.zeros(1, dtype=torch.long), x)
 
 
-def test_latent_conditions_the_denoiser_and_kl_trains_both_encoders():
-    net = tiny_network()
+def _training_step(net: CIMDNetwork, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     for encoder in (net.prior, net.posterior):  # leave the zero start, where KL and its gradient vanish
         torch.nn.init.normal_(encoder.head.conv.weight, std=0.5)
-    x, image = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
-    t = torch.tensor([10, 500])
+    torch.manual_seed(1)
+    image = torch.randn(2, 1, 16, 16)
+    mask = torch.where(torch.rand(2, 1, 16, 16) > 0.7, 1.0, -1.0)
+    inputs, target, args, kwargs = CIMDPrepareBatch(num_train_timesteps=1000)({"image": image, "label": mask}, "cpu")
+    assert torch.equal(inputs, mask) and torch.equal(kwargs["condition"], image)
+    assert torch.equal(target, kwargs["noise"])
+    prediction = CIMDTrainingInferer(DDPMScheduler(1000))(inputs, net, *args, **kwargs)
+    return *prediction, CIMDLoss(kl_weight=1.0, free_bits=free_bits)(prediction, target) - torch.nn.functional.mse_loss(
+        prediction[0], target
+    )
+
+
+def test_paper_design_has_no_latent_input_and_trains_both_encoders():
+    """The bundle's default is CIMD as the paper draws it (Fig. 1C): no z into the denoiser, both encoders trained."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "train.json")
+    assert parser["cimd_design"] == "paper"
+    parser.update({"network_channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 16})
+    parser.update({"norm_num_groups": 8, "encoder_channels": [4, 8]})
+    bundle_net = parser.get_parsed_content("network_def")
+    assert bundle_net.design == "paper" and bundle_net.denoiser.in_channels == 2  # noisy mask + image, no latent
+    assert bundle_net.prior.in_channels == 2  # image + the model's current estimate of the mask
+
+    net = tiny_network()
+    eps, kl, kl_term = _training_step(net)
+    assert kl.shape == (2, 3) and (kl >= 0).all() and kl.sum() > 0
+    # the KL reaches every part: both encoders, and the denoiser through the estimate x̂_0 the prior sees
+    kl_term.backward(retain_graph=True)
+    for module in (net.prior, net.posterior, net.denoiser):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    x, t, image = torch.randn(2, 1, 16, 16), torch.tensor([10, 500]), torch.randn(2, 1, 16, 16)
+    with torch.no_grad():  # sampling: the denoiser needs nothing but x_t and the image
+        assert torch.equal(net(x, t, image)[0], net.denoise(x, t, image))
+
+
+def test_free_bits_loss_by_hand():
+    net = tiny_network()
+    eps, kl, kl_term = _training_step(net, free_bits=0.5)
+    per_dim = kl.mean(dim=0)
+    assert kl_term.item() == pytest.approx(torch.clamp(per_dim, min=0.5).sum().item(), rel=1e-5)
+    assert kl_term.item() >= 3 * 0.5 - 1e-6
+
+
+def test_cvae_variant_injects_the_latent_and_reports_collapse():
+    net = tiny_network(design="cvae")
+    x, image, t = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
     with torch.no_grad():
         a = net(x, t, image, latent=torch.zeros(2, 3))[0]
         b = net(x, t, image, latent=torch.ones(2, 3))[0]
     assert not torch.allclose(a, b)  # z reaches the denoiser
-    mask = torch.where(torch.rand(2, 1, 16, 16) > 0.7, 1.0, -1.0)
-    batch = {"image": image, "label": mask}
-    inputs, target, args, kwargs = CIMDPrepareBatch(num_train_timesteps=1000)(batch, "cpu")
-    assert (
-        torch.equal(inputs, mask) and torch.equal(kwargs["condition"], image) and torch.equal(target, kwargs["noise"])
+    eps, kl, kl_term = _training_step(net)
+    kl_term.backward()
+    assert all(
+        any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for m in (net.prior, net.posterior)
     )
-    prediction = CIMDTrainingInferer(DDPMScheduler(1000))(inputs, net, *args, **kwargs)
-    eps, kl = prediction
-    assert eps.shape == mask.shape and kl.shape == (2,) and (kl > 0).all()
-    loss = CIMDLoss(kl_weight=1.0)(prediction, target)
-    assert loss.item() == pytest.approx((torch.nn.functional.mse_loss(eps, target) + kl.mean()).item(), rel=1e-5)
-    loss.backward()
-    for module in (net.prior, net.posterior, net.denoiser):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    collapsed = tiny_network(design="cvae")  # zero-initialised heads: q = p = N(0, I), z carries nothing
+    mask = torch.where(torch.rand(2, 1, 16, 16) > 0.7, 1.0, -1.0)
+    found = collapsed.diagnostics(x, t, image, mask, torch.randn_like(x), torch.tensor([0.99, 0.5]))
+    assert found["kl_total"] == pytest.approx(0.0, abs=1e-6) and len(found["kl_per_dim"]) == 3
+    assert {"mse_posterior", "mse_prior", "gap"} <= set(found)
+    assert "gap" not in tiny_network().diagnostics(x, t, image, mask, torch.randn_like(x), torch.tensor([0.99, 0.5]))
+
+
+def test_ensemble_default_is_stochastic():
+    """Two members started from the same x_T differ under the bundle's default sampler (and not under DDIM)."""
+    from meddiff.sampling import sample
+    from meddiff.schedulers import make_sampling_scheduler
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "inference.json")
+    sampler, steps = parser["sampler"], parser["num_inference_steps"]
+    net = tiny_network().eval()
+    image = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1)
+    x_t = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1)
+
+    def members(name: str) -> torch.Tensor:
+        scheduler, eta = make_sampling_scheduler(name, steps)
+        with torch.no_grad():
+            return sample(lambda x, t: net.denoise(x, t, image), scheduler, x_t.shape, noise=x_t.clone(), eta=eta,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    default = members(sampler)
+    assert not torch.allclose(default[0], default[1])
+    ddim = members("ddim")
+    assert torch.allclose(ddim[0], ddim[1])
 
 
 def test_inferer_outputs_and_seeds():

@@ -1,7 +1,7 @@
-"""Segmentation ensembles: N masks per image from a latent-conditioned diffusion model, their writers and scores.
+"""Segmentation ensembles: N masks per image from a CIMD diffusion model, their writers and scores.
 
 - `EnsembleSamplingInferer`: ``inferer(image, network)`` runs all N members batched along the batch dimension
-  (one prior latent per member, one reverse process), so MONAI Label's bundle loader can drive it.
+  (one stochastic reverse process each), so MONAI Label's bundle loader can drive it.
 - `EnsembleSegmentation`: every case of a split in the seed's layout -> N binary masks, the frequency map and
   the majority mask as PNG, plus a grid.
 - `evaluate_ensembles`: GED, CI score and majority Dice per image and averaged, to JSON.
@@ -48,8 +48,11 @@ OUTPUTS = ("samples", "frequency", "majority")
 class EnsembleSamplingInferer(Inferer):
     """Sample `num_samples` masks per input image with a `meddiff.networks.CIMDNetwork`.
 
-    `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets z ~ p(z | image_b) drawn once
-    and its own noise; all B * N members run as one batch through `meddiff.sampling.sample`. Each x_0 is
+    `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets its own noise (and, for the cVAE
+    design only, its own z ~ p(z | image_b) drawn once); all B * N members run as one batch through
+    `meddiff.sampling.sample`. The members differ through the stochastic reverse process: use an ancestral sampler
+    (``ddpm``, respaced when `num_inference_steps` < `num_train_timesteps`); deterministic ``ddim`` maps each x_T
+    to one mask and removes most of the ensemble's diversity. Each x_0 is
     thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
     ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
     ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
@@ -57,7 +60,7 @@ class EnsembleSamplingInferer(Inferer):
 
     Args:
         num_samples: members per ensemble (option ``--num_samples``, at least 2).
-        sampler: "ddim", "ddpm" or "respaced".
+        sampler: "ddpm" (ancestral; respaced when fewer steps than training) or "ddim" (deterministic).
         num_inference_steps: reverse steps per member.
         num_train_timesteps: the timesteps the model was trained with.
         schedule: the noise schedule's name, as in training.
@@ -72,7 +75,7 @@ class EnsembleSamplingInferer(Inferer):
     def __init__(
         self,
         num_samples: int = 16,
-        sampler: str = "ddim",
+        sampler: str = "ddpm",
         num_inference_steps: int = 25,
         num_train_timesteps: int = 1000,
         schedule: str = "linear_beta",
@@ -114,11 +117,11 @@ class EnsembleSamplingInferer(Inferer):
         generator = make_generator(seed, device)
         with torch.no_grad():
             image = to_memory_format(inputs.float().to(dtype), self.channels_last)
-            latent = net.sample_prior(image, generator, num_samples=n)
+            latent = net.sample_prior(image, generator, num_samples=n) if net.injects_latent else None
             image = image.repeat_interleave(n, dim=0)
 
             def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return net(to_memory_format(x.to(dtype), self.channels_last), t, image=image, latent=latent)[0]
+                return net.denoise(to_memory_format(x.to(dtype), self.channels_last), t, image, latent)
 
             masks = sample(
                 denoise,

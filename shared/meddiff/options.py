@@ -168,6 +168,8 @@ RULES: dict[str, Rule] = {
     "grad_clip_norm": Rule("float", low=0.0, low_open=True, hint="the largest gradient norm kept"),
     "kl_weight": Rule("float", low=0.0),
     "latent_dim": Rule("int", low=1, high=1024),
+    "free_bits": Rule("float", low=0.0, high=10.0, hint="nats per latent dimension; 0 turns free bits off"),
+    "cimd_design": Rule("choice", choices=("paper", "cvae")),
     "channels_last": _BOOL,
     "precision": Rule("choice", choices=("auto", "fp32", "bf16", "fp16")),
     # diffusion
