@@ -63,7 +63,9 @@ def check_ensembles(bundle_root: Path, dataset_dir: Path, num_samples: int) -> d
     metrics = json.loads((bundle_root / "metrics.json").read_text())
     assert metrics["num_images"] == len(cases) and set(metrics["per_image"]) == {c["name"] for c in cases}
     mean = metrics["mean"]
-    assert set(mean) == {"ged", "s_c", "d_max", "d_a", "ci", "ci_cimd", "dice_majority"}
+    assert set(mean) == {"ged", "s_c", "d_max", "d_a", "ci", "ci_cimd", "dice_majority", "member_foreground",
+                         "rater_foreground", "ged_empty_members"}  # fmt: skip
+    assert metrics["verdict"].startswith(("undertrained", "members look like"))
     assert mean["ged"] >= 0 and all(0 <= mean[k] <= 1 for k in ("s_c", "d_max", "ci", "ci_cimd", "dice_majority"))
     return metrics
 

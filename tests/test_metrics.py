@@ -230,3 +230,16 @@ def test_inception_features_and_fid(inception):
     smooth = torch.stack([torch.sin(3 * xx + k) * torch.cos(2 * yy - k) for k in range(4)])[:, None]
     fid = frechet_inception_distance(feats, inception(smooth))
     assert np.isfinite(fid) and fid > 1.0
+
+
+def test_diversity_agreement_both_readings_by_hand():
+    """Refs [1,1,0,0] and [1,0,0,0]; samples all-ones and all-zeros (computed by hand)."""
+    refs = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool)[:, None, :]
+    samples = np.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)[:, None, :]
+    # Dice reading: V_r = 1 - 2/3 = 1/3 (max = min), V_s = 1 - 0 = 1: D_a = 1 - (2/3 + 2/3) / 2
+    assert diversity_agreement(samples, refs) == pytest.approx(1 / 3)
+    # variance reading: Var([0,1,0,0]) = 0.25 - 0.0625 = 0.1875; Var([1,1,1,1]) = 0; diagonals give min 0 on both
+    assert diversity_agreement(samples, refs, distance="variance") == pytest.approx(1 - 0.1875 / 2)
+    assert ci_score(samples, refs, d_a_distance="variance")["d_a"] == pytest.approx(1 - 0.1875 / 2)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        diversity_agreement(samples, refs, distance="iou")

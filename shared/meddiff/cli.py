@@ -98,6 +98,8 @@ def _scalars(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
     for key, value in metrics.items():
         if key == "per_image":
             continue
+        if key == "verdict":
+            continue
         if isinstance(value, dict):
             rows += _scalars(value, f"{prefix}{key}." if key != "mean" else prefix)
         elif isinstance(value, (int, float, str, bool)) and value is not None:

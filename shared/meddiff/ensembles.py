@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,15 @@ from meddiff.sampling import make_generator, sample
 from meddiff.schedulers import make_sampling_scheduler
 from meddiff.visualize import save_grid, to_rgb_tile
 
-__all__ = ["DicomNoduleEnsembles", "EnsembleSamplingInferer", "EnsembleSegmentation", "evaluate_ensembles"]
+__all__ = [
+    "DicomNoduleEnsembles",
+    "EnsembleSamplingInferer",
+    "EnsembleSegmentation",
+    "ensemble_verdict",
+    "evaluate_ensembles",
+]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "ensembles.json"
 OUTPUTS = ("samples", "frequency", "majority")
@@ -250,6 +259,7 @@ def evaluate_ensembles(
     split: str = "testing",
     num_raters: int = 4,
     overwrite: bool = True,
+    d_a_distance: str = "dice",
 ) -> dict:
     """Score written ensembles against the raters' masks: GED, CI score (and parts), majority Dice; write JSON.
 
@@ -259,6 +269,7 @@ def evaluate_ensembles(
     ``mean`` averages each over the images.
     """
     root, num_raters, overwrite = Path(ensemble_dir), parse("num_raters", num_raters), parse("overwrite", overwrite)
+    d_a_distance = parse("d_a_distance", d_a_distance)
     check_new_output(metrics_file, overwrite)
     if not (root / MANIFEST).is_file():
         raise DataError(f"{root / MANIFEST} does not exist: run inference into {root} before evaluating it.")
@@ -273,20 +284,47 @@ def evaluate_ensembles(
         members = np.stack(
             [read_binary_mask(root / case["name"] / f"sample_{k:02d}.png") for k in range(manifest["num_samples"])]
         )
-        scores = {"ged": generalized_energy_distance(members, refs), **ci_score(members, refs)}
+        scores = {"ged": generalized_energy_distance(members, refs), **ci_score(members, refs, d_a_distance)}
         scores["dice_majority"] = dice(majority_mask(members), majority_mask(refs))
+        scores["member_foreground"], scores["rater_foreground"] = float(members.mean()), float(refs.mean())
+        scores["ged_empty_members"] = generalized_energy_distance(np.zeros_like(members), refs)
         per_image[case["name"]] = scores
     keys = next(iter(per_image.values())).keys()
     metrics = {
         "num_images": len(per_image),
         "num_samples": manifest["num_samples"],
+        "d_a_distance": d_a_distance,
         "sampler": manifest["sampler"],
         "num_inference_steps": manifest["num_inference_steps"],
         "mean": {k: float(np.mean([s[k] for s in per_image.values()])) for k in keys},
         "per_image": per_image,
     }
+    metrics["verdict"] = ensemble_verdict(metrics["mean"])
+    (logger.warning if metrics["verdict"].startswith("undertrained") else logger.info)(metrics["verdict"])
     save_json(metrics, metrics_file, overwrite=overwrite)
     return metrics
+
+
+def ensemble_verdict(mean: dict) -> str:
+    """A plain sentence on whether the ensembles look like the raters' masks, from averaged metrics.
+
+    Undertrained when the members mark more than 3x or less than 1/3 of the pixels the raters mark, or when the
+    GED is no better than that of all-empty members (a model that predicts nothing).
+    """
+    member, rater = 100 * mean["member_foreground"], 100 * mean["rater_foreground"]
+    ratio = mean["member_foreground"] / max(mean["rater_foreground"], 1e-9)
+    problems = []
+    if not 1 / 3 <= ratio <= 3:
+        problems.append(f"its members mark {member:.2f}% of the pixels where the raters mark {rater:.2f}%")
+    ged, empty = mean["ged"], mean["ged_empty_members"]
+    if ged >= empty:
+        problems.append(f"its GED {ged:.3f} is no better than all-empty members' {empty:.3f}")
+    if problems:
+        return "undertrained: " + " and ".join(problems) + "; train longer (raise --num_epochs) or on more data."
+    return (
+        f"members look like the raters' masks in size (member foreground {member:.2f}%, raters {rater:.2f}%) and "
+        f"beat all-empty members on GED ({ged:.3f} < {empty:.3f})."
+    )
 
 
 class DicomNoduleEnsembles:

@@ -38,8 +38,18 @@ class AxisAlignedConvGaussian(nn.Module):
 
     Blocks of `convs_per_block` 3x3 convolutions with ReLU, average pooling by 2 between blocks, a mean over the
     spatial dimensions, then a 1x1 convolution to the mean and log standard deviation of `latent_dim` Gaussians.
-    The prior takes the image (`in_channels` = image channels); the posterior the image and the mask concatenated.
-    The last layer starts at zero, so both distributions start as N(0, I) and the KL term starts at 0.
+    With `zero_init_head` the last layer starts at zero, so the distribution starts as N(0, I) (two such encoders
+    start with KL 0: right for the cVAE design, whose latent should start harmless). Without it the head starts
+    with PyTorch's default initialisation, as the seed's encoders do; the paper design needs that, since two encoders
+    that agree exactly have a KL at its minimum, with zero gradient, and would never move.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (image, or image + mask).
+        latent_dim: dimensions of z.
+        channels: output channels of the convolution blocks.
+        convs_per_block: 3x3 convolutions per block.
+        zero_init_head: start the mean/log-sigma layer at zero.
     """
 
     def __init__(
@@ -49,6 +59,7 @@ class AxisAlignedConvGaussian(nn.Module):
         latent_dim: int = 6,
         channels: Sequence[int] = (32, 64, 128, 192),
         convs_per_block: int = 3,
+        zero_init_head: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels, self.latent_dim = in_channels, latent_dim
@@ -62,8 +73,9 @@ class AxisAlignedConvGaussian(nn.Module):
                 width = out
         self.encoder = nn.Sequential(*layers)
         self.head = Convolution(spatial_dims, width, 2 * latent_dim, kernel_size=1, conv_only=True)
-        nn.init.zeros_(self.head.conv.weight)
-        nn.init.zeros_(self.head.conv.bias)
+        if zero_init_head:
+            nn.init.zeros_(self.head.conv.weight)
+            nn.init.zeros_(self.head.conv.bias)
 
     def forward(self, x: torch.Tensor) -> Independent:
         """The distribution over z (batch shape (B,), event shape (latent_dim,)), in float32."""

@@ -158,6 +158,8 @@ RULES: dict[str, Rule] = {
     "use_ablated_segmentations": _BOOL,
     "ablation_prob": Rule("float", low=0.0, high=1.0),
     "ablated_classes": Rule("ints", low=1),
+    "diversity_masks": Rule("int", low=0, hint="masks sampled several times for per-mask diversity; 0 for none"),
+    "samples_per_mask": Rule("int", low=2, hint="samples per diversity mask; a pair is the least"),
     # training
     "batch_size": _POSITIVE_INT,
     "num_epochs": _POSITIVE_INT,
@@ -177,6 +179,7 @@ RULES: dict[str, Rule] = {
     "num_inference_steps": _POSITIVE_INT,
     "sampler": Rule("choice", choices=("ddpm", "ddim")),
     "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
+    "d_a_distance": Rule("choice", choices=("dice", "variance")),
     # DICOM nodule path
     "crop_size": Rule("int", low=8, high=4096),
     "crop_spacing_mm": Rule(

@@ -1,4 +1,9 @@
-"""Sample diversity as the mean pairwise MS-SSIM of a set of generated images (lower = more diverse)."""
+"""Sample diversity as the mean pairwise MS-SSIM of a set of generated images (lower = more diverse).
+
+Settings: MONAI's `MultiScaleSSIMMetric` with a Gaussian window (sigma 1.5, k1 0.01, k2 0.03); the window size and
+number of scales follow the image size (`ms_ssim_config`); each coarser scale is a 2x2 average pool of the last.
+`ms_ssim_settings` states what was used, for the metrics file.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric
 
-__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_config", "ms_ssim_diversity"]
+__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_config", "ms_ssim_diversity", "ms_ssim_per_mask", "ms_ssim_settings"]
 
 #: standard MS-SSIM scale weights of Wang et al. (2003)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+#: MONAI's default Gaussian window width, used unchanged
+KERNEL_SIGMA = 1.5
 _KERNEL_SIZES = (11, 7, 5, 3)
 
 
@@ -54,7 +61,9 @@ def ms_ssim_diversity(images: Any, data_range: float = 2.0, batch_size: int = 64
     if n < 2:
         raise ValueError(f"ms_ssim_diversity needs at least 2 images, got {n}.")
     kernel_size, weights = ms_ssim_config(min(x.shape[-2:]))
-    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=data_range, kernel_size=kernel_size, weights=weights)
+    metric = MultiScaleSSIMMetric(
+        spatial_dims=2, data_range=data_range, kernel_size=kernel_size, kernel_sigma=KERNEL_SIGMA, weights=weights
+    )
     ii, jj = torch.triu_indices(n, n, offset=1)
     total = 0.0
     with torch.no_grad():
@@ -62,3 +71,29 @@ def ms_ssim_diversity(images: Any, data_range: float = 2.0, batch_size: int = 64
             i, j = ii[start : start + batch_size], jj[start : start + batch_size]
             total += float(metric(x[i], x[j]).sum())
     return total / ii.numel()
+
+
+def ms_ssim_settings(height: int, data_range: float = 2.0) -> dict:
+    """What `ms_ssim_diversity` uses on images of smallest side ``height``: window, sigma, scales (px) and weights."""
+    kernel_size, weights = ms_ssim_config(height)
+    return {
+        "image_size": int(height),
+        "kernel_size": kernel_size,
+        "kernel_sigma": KERNEL_SIGMA,
+        "num_scales": len(weights),
+        "scale_sizes": [int(height) // 2**s for s in range(len(weights))],
+        "weights": list(weights),
+        "data_range": float(data_range),
+    }
+
+
+def ms_ssim_per_mask(sample_sets: Any, data_range: float = 2.0) -> list[float]:
+    """Return the mean pairwise MS-SSIM within each set of samples (K, M, C, H, W) from one mask each (M >= 2)."""
+    sets = (
+        sample_sets.detach().cpu()
+        if isinstance(sample_sets, torch.Tensor)
+        else torch.as_tensor(np.asarray(sample_sets))
+    )
+    if sets.ndim != 5:
+        raise ValueError(f"Expected sample sets of shape (K, M, C, H, W), got {tuple(sets.shape)}.")
+    return [ms_ssim_diversity(samples, data_range=data_range) for samples in sets]
