@@ -87,3 +87,33 @@ def update_readme_block(begin: str, end: str, title: str, block: str) -> None:
     tmp = README.with_name(f".{README.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, README)
+
+
+def train_bundle(configs: Path, bundle_root: Path, dataset_dir: Path, settings: dict) -> float:
+    """Run a bundle's `training` (its `configs/train.json`) into `bundle_root`; return the seconds it took."""
+    from monai.bundle import run
+
+    start = time.perf_counter()
+    run(
+        run_id="training",
+        config_file=[str(configs / "train.json")],
+        meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"),
+        bundle_root=str(bundle_root),
+        dataset_dir=str(dataset_dir),
+        **settings,
+    )
+    return time.perf_counter() - start
+
+
+def bundle_network(configs: Path, bundle_root: Path | None, settings: dict):  # -> torch.nn.Module
+    """A bundle's inference network on the CPU, with the weights trained under `bundle_root` (random if None)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", **settings})
+    network = parser.get_parsed_content("network")
+    if bundle_root is not None:
+        parser.get_parsed_content("load_weights")
+    return network.eval()

@@ -22,10 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from common import machine_info, update_readme_block, wait_for_quiet
+from common import bundle_network, machine_info, train_bundle, update_readme_block, wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "lidc_ambiguous_segmentation" / "configs"
@@ -52,36 +51,6 @@ SAMPLERS = [
 NOISE_SEEDS = 3  # fp32 DDIM-25 is repeated with this many seeds to measure the GED's own spread
 
 
-def train(bundle_root: Path, settings: dict) -> float:
-    """Train the bundle on the real training crops; return the seconds it took."""
-    from monai.bundle import run
-
-    start = time.perf_counter()
-    run(
-        run_id="training",
-        config_file=[str(BUNDLE / "train.json")],
-        meta_file=str(BUNDLE / "metadata.json"),
-        logging_file=str(BUNDLE / "logging.conf"),
-        bundle_root=str(bundle_root),
-        dataset_dir=str(CROPS),
-        **settings,
-    )
-    return time.perf_counter() - start
-
-
-def bundle_network(bundle_root: Path | None, settings: dict) -> Any:
-    """The bundle's inference network, with the weights trained under `bundle_root` (random if None)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "inference.json"))
-    parser.update({"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", **settings})
-    network = parser.get_parsed_content("network")
-    if bundle_root is not None:
-        parser.get_parsed_content("load_weights")
-    return network.eval()
-
-
 def sample_and_score(
     bundle_root: Path, settings: dict, samplers: list, cases: list, num_samples: int, seed_offset: int = 0
 ) -> list[dict]:
@@ -91,7 +60,7 @@ def sample_and_score(
     from meddiff.ensembles import EnsembleSamplingInferer
     from meddiff.metrics import ci_score, generalized_energy_distance
 
-    network = bundle_network(bundle_root, settings)
+    network = bundle_network(BUNDLE, bundle_root, settings)
     rows = []
     for sampler, steps, precision in samplers:
         inferer = EnsembleSamplingInferer(
@@ -192,7 +161,7 @@ def seed_size_timing(num_samples: int, img_size: int) -> dict:
 
     from meddiff.ensembles import EnsembleSamplingInferer
 
-    network = bundle_network(None, {"img_size": img_size})
+    network = bundle_network(BUNDLE, None, {"img_size": img_size})
     image = torch.rand(1, 1, img_size, img_size) * 2 - 1
     fast = EnsembleSamplingInferer(
         num_samples=num_samples, num_inference_steps=10, precision="bf16", channels_last=True
@@ -266,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = cases[: args.num_images]  # crops that all 4 raters marked: a nodule to segment in every reference
     with tempfile.TemporaryDirectory() as tmp:
         print("training ...")
-        train_seconds = train(Path(tmp), train_settings)
+        train_seconds = train_bundle(BUNDLE, Path(tmp), CROPS, train_settings)
         print(f"trained in {train_seconds:.0f} s; sampling ...")
         infer_settings = {**network, "img_size": img_size}
         rows = sample_and_score(Path(tmp), infer_settings, samplers, cases, args.num_samples)

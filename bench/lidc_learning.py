@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine_info, update_readme_block
+from common import bundle_network, machine_info, train_bundle, update_readme_block
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "lidc_ambiguous_segmentation" / "configs"
@@ -45,35 +45,6 @@ NETWORK = {
 SAMPLERS = [("ddpm", 25), ("ddpm", 50), ("ddpm", 100), ("ddpm", 1000), ("ddim", 25)]
 DEFAULT = ("ddpm", 50)
 NOISE_SEEDS = 3
-
-
-def train(bundle_root: Path, settings: dict) -> float:
-    """Train the bundle on the real training crops; return the seconds it took."""
-    from monai.bundle import run
-
-    start = time.perf_counter()
-    run(
-        run_id="training",
-        config_file=[str(BUNDLE / "train.json")],
-        meta_file=str(BUNDLE / "metadata.json"),
-        logging_file=str(BUNDLE / "logging.conf"),
-        bundle_root=str(bundle_root),
-        dataset_dir=str(CROPS),
-        **settings,
-    )
-    return time.perf_counter() - start
-
-
-def bundle_network(bundle_root: Path, settings: dict):  # -> CIMDNetwork
-    """The bundle's inference network with the weights trained under `bundle_root`."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "inference.json"))
-    parser.update({"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", **settings})
-    network = parser.get_parsed_content("network")
-    parser.get_parsed_content("load_weights")
-    return network.eval()
 
 
 def score(members: np.ndarray, references: np.ndarray) -> dict:
@@ -200,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     for design in args.designs:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"training the {design} design ...", flush=True)
-            seconds = train(Path(tmp), {**train_settings, "cimd_design": design})
+            seconds = train_bundle(BUNDLE, Path(tmp), CROPS, {**train_settings, "cimd_design": design})
             print(f"trained in {seconds:.0f} s; sampling ...", flush=True)
-            net = bundle_network(Path(tmp), {**network, "img_size": img_size, "cimd_design": design})
+            net = bundle_network(BUNDLE, Path(tmp), {**network, "img_size": img_size, "cimd_design": design})
             rows = sample_rows(net, cases, samplers if design == "paper" else [default], args.num_samples)
             entry = {"design": design, "train_seconds": seconds, "rows": rows}
             if design == "paper":
