@@ -23,9 +23,6 @@ from meddiff.precision import reexec_with_malloc_tuning
 
 __all__ = ["main", "metrics_table", "parse_settings"]
 
-# settings the demo itself owns: a user setting them would break the demo's wiring
-_DEMO_OWNED = {"bundle_root", "dataset_dir", "logging_file", "meta_file", "config_file"}
-
 
 def _parser() -> argparse.ArgumentParser:
     from meddiff.demo import DEMO_BUNDLES
@@ -83,10 +80,11 @@ def parse_settings(extra: list[str]) -> dict[str, Any]:
 
 
 def _check_settings(bundle: str, settings: dict[str, Any]) -> None:
+    from meddiff.demo import check_not_demo_owned
+
+    check_not_demo_owned(settings)
     known = _config_keys(bundle)
     for name in settings:
-        if name in _DEMO_OWNED:
-            raise OptionError(f"--{name} is set by the demo itself; run the bundle directly to choose it.")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""

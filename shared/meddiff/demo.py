@@ -19,7 +19,7 @@ from meddiff.errors import OptionError, UserError
 from meddiff.io import OutputExistsError, check_writable, make_staging_dir
 from meddiff.options import parse
 
-__all__ = ["DEMO_BUNDLES", "bundles_dir", "run_bundle", "run_demo"]
+__all__ = ["DEMO_BUNDLES", "DEMO_OWNED_SETTINGS", "bundles_dir", "check_not_demo_owned", "run_bundle", "run_demo"]
 
 DEMO_BUNDLES = ("breast_mri_seg_guided_generation", "lidc_ambiguous_segmentation")
 
@@ -50,6 +50,17 @@ def run_bundle(
         logging_file=logging_file or str(bundle_dir / "configs" / "logging.conf"),
         **overrides,
     )
+
+
+# settings the demo itself sets: a user setting them would break the demo's wiring
+DEMO_OWNED_SETTINGS = ("bundle_root", "dataset_dir", "logging_file", "meta_file", "config_file")
+
+
+def check_not_demo_owned(settings: dict) -> None:
+    """Refuse settings the demo sets itself (`DEMO_OWNED_SETTINGS`)."""
+    owned = [name for name in DEMO_OWNED_SETTINGS if name in settings]
+    if owned:
+        raise OptionError(f"--{owned[0]} is set by the demo itself; run the bundle directly to choose it.")
 
 
 def _forbidden_places() -> list[tuple[Path, str, bool]]:
@@ -120,9 +131,7 @@ def run_demo(
     demo_file = bundle_dir / "configs" / "demo.json"
     if not demo_file.is_file():
         raise OptionError(f"bundle {bundle!r} has no demo ({demo_file} missing); choose one of {list(DEMO_BUNDLES)}.")
-    owned = sorted({"bundle_root", "dataset_dir", "logging_file"} & set(overrides))
-    if owned:
-        raise OptionError(f"--{owned[0]} is set by the demo itself; run the bundle directly to choose it.")
+    check_not_demo_owned(overrides)
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise DataError(f"dataset_dir {dataset_dir} does not exist or is not a folder: pass the dataset's folder.")
     out = Path(output_dir) / bundle

@@ -225,8 +225,8 @@ class TrainingCheckpoint:
         """Write the resumable checkpoint (rank 0 only); a network holding NaN or inf is refused, not saved."""
         if not is_main_process():
             return
-        self._network_state()
-        state = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
+        state = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items() if key != self.final_key}
+        state[self.final_key] = self._network_state()
         state.update(epoch=engine.state.epoch, iteration=engine.state.iteration)
         if self.settings is not None:
             state["settings"] = self.settings

@@ -94,15 +94,21 @@ def _left_by_dead_process(match: re.Match | None) -> bool:
     return match is not None and match["host"] == _HOST and not _pid_alive(int(match["pid"]))
 
 
-def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the atomic-write temporaries that dead processes of this host left in `folder`; return them."""
-    removed = []
+def _left_by_dead_processes(folder: str | os.PathLike, pattern: re.Pattern) -> list[tuple[os.DirEntry, re.Match]]:
+    """The entries of `folder` whose names match `pattern` and carry the pid of a dead process of this host."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return removed
-    for entry in entries:
-        if entry.is_file(follow_symlinks=False) and _left_by_dead_process(_TMP_NAME.match(entry.name)):
+        return []
+    found = [(entry, pattern.match(entry.name)) for entry in entries]
+    return [(entry, match) for entry, match in found if _left_by_dead_process(match)]
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the atomic-write temporaries that dead processes of this host left in `folder`; return them."""
+    removed = []
+    for entry, _ in _left_by_dead_processes(folder, _TMP_NAME):
+        if entry.is_file(follow_symlinks=False):
             try:
                 os.remove(entry.path)
                 removed.append(Path(entry.path))
@@ -200,13 +206,8 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 def remove_stale_staging(parent: str | os.PathLike, label: str) -> list[Path]:
     """Remove the ``.<label>.staging-*`` folders in `parent` that dead processes of this host left; return them."""
     removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _STAGING_NAME.match(entry.name)
-        if match and match["label"] == label and entry.is_dir(follow_symlinks=False) and _left_by_dead_process(match):
+    for entry, match in _left_by_dead_processes(parent, _STAGING_NAME):
+        if match["label"] == label and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
     return removed
@@ -231,12 +232,20 @@ def _missing_parents(folder: Path) -> list[Path]:
     return missing
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: the ones a run created and left nothing in."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
     """Refuse a folder that cannot be created or written (it, or its nearest existing ancestor, is checked)."""
     folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    missing = _missing_parents(folder)
+    existing = missing[-1].parent if missing else folder
     if not existing.is_dir():
         raise UserError(f"{what} {folder} cannot be created: {existing} is a file. Choose another --output_dir.")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -343,14 +352,11 @@ class StagedOutput:
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
-            for folder in self._created:  # deepest first; only the empty ones this run created
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            _remove_empty(self._created)
 
     def _commit(self) -> None:
-        moves = [(self.staging / self._staged[t], t) for t in self.targets if (self.staging / self._staged[t]).exists()]
+        staged = [(self.staging / self._staged[t], t) for t in self.targets]
+        moves = [(source, final) for source, final in staged if source.exists()]
         if not self.overwrite:
             existing = [final for _, final in moves if final.exists()]
             if existing:  # another run wrote them meanwhile
@@ -374,11 +380,7 @@ class StagedOutput:
                     _move(backup, final)
                 else:
                     final.unlink(missing_ok=True)
-                for folder in created:
-                    try:
-                        folder.rmdir()
-                    except OSError:
-                        break
+                _remove_empty(created)
             raise
         self._created = []
 

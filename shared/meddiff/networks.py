@@ -30,7 +30,7 @@ from monai.networks.layers.factories import Pool
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
-__all__ = ["DESIGNS", "AxisAlignedConvGaussian", "CIMDNetwork", "kl_per_dimension", "sample_latent"]
+__all__ = ["DESIGNS", "AxisAlignedConvGaussian", "CIMDNetwork", "estimate_x0", "kl_per_dimension", "sample_latent"]
 
 
 class AxisAlignedConvGaussian(nn.Module):
@@ -100,6 +100,12 @@ DESIGNS = ("paper", "cvae")
 def _wants_channels_last(module: nn.Module) -> bool:
     weight = next((p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1), None)
     return weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def estimate_x0(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The model's estimate x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t) in float32, clipped to [-1, 1]."""
+    ab = alpha_bar.float().view(-1, *([1] * (x.ndim - 1)))
+    return ((x.float() - (1.0 - ab).sqrt() * eps.float()) / ab.sqrt()).clamp(-1.0, 1.0)
 
 
 def kl_per_dimension(posterior: Independent, prior: Independent) -> torch.Tensor:
@@ -221,9 +227,7 @@ class CIMDNetwork(nn.Module):
         if alpha_bar is None:
             raise ValueError("the paper design needs `alpha_bar` (ᾱ_t per item) to form the model's estimate x̂_0.")
         eps = self.denoise(x, timesteps, image)
-        ab = alpha_bar.float().view(-1, *([1] * (x.ndim - 1)))
-        estimate = ((x.float() - (1.0 - ab).sqrt() * eps.float()) / ab.sqrt()).clamp(-1.0, 1.0)
-        posterior, prior = self.encoders(image, mask, estimate)
+        posterior, prior = self.encoders(image, mask, estimate_x0(x, eps, alpha_bar))
         return eps, kl_per_dimension(posterior, prior)
 
     @torch.no_grad()
@@ -239,13 +243,10 @@ class CIMDNetwork(nn.Module):
     ) -> dict[str, float | list[float]]:
         """Collapse diagnostics on one batch: KL per latent dimension and, for the cVAE design, the denoising loss
         with the posterior mean against a prior draw (a gap near 0 means the latent carries nothing)."""
-        ab = alpha_bar.float().view(-1, *([1] * (x.ndim - 1)))
         if self.injects_latent:
             posterior, prior = self.encoders(image, mask)
         else:
-            eps = self.denoise(x, timesteps, image).float()
-            estimate = ((x.float() - (1.0 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1.0, 1.0)
-            posterior, prior = self.encoders(image, mask, estimate)
+            posterior, prior = self.encoders(image, mask, estimate_x0(x, self.denoise(x, timesteps, image), alpha_bar))
         kl = kl_per_dimension(posterior, prior).mean(dim=0)
         out: dict[str, float | list[float]] = {"kl_total": float(kl.sum()), "kl_per_dim": [float(v) for v in kl]}
         if self.injects_latent:
