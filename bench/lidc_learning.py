@@ -21,6 +21,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_samples", type=int, default=16)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="add the designs run now to the existing results file")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each trained bundle root under KEEP/<design>")
     args = ap.parse_args(argv)
     from meddiff.precision import reexec_with_malloc_tuning
 
@@ -168,12 +172,27 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine_info(), "img_size": img_size, "num_samples": args.num_samples, "network": network,
               "train_settings": train_settings, "num_train_images": len(train_cases),
               "test_images": [c["name"] for c in cases], "designs": []}  # fmt: skip
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "bench" / "results" / f"lidc_learning{'_quick' if args.quick else ''}.json"
+    )
+    if args.merge and out.is_file():
+        earlier = json.loads(out.read_text())
+        result["designs"] = [d for d in earlier["designs"] if d["design"] not in args.designs]
+        result["earlier_runs"] = {d["design"]: earlier["machine"] for d in result["designs"]}
+        for key in ("ged_noise", "ged_noise_samples", "ci_noise", "ci_noise_samples"):
+            if key in earlier and "paper" not in args.designs:
+                result[key] = earlier[key]
     for design in args.designs:
-        with tempfile.TemporaryDirectory() as tmp:
+        with _bundle_root(args.keep, design) as tmp:
             print(f"training the {design} design ...", flush=True)
             seconds = train_bundle(BUNDLE, Path(tmp), CROPS, {**train_settings, "cimd_design": design})
             print(f"trained in {seconds:.0f} s; sampling ...", flush=True)
-            net = bundle_network(BUNDLE, Path(tmp), {**network, "img_size": img_size, "cimd_design": design})
+            net_settings = {**network, "img_size": img_size, "cimd_design": design}
+            if args.keep:
+                save_json(net_settings, Path(tmp) / "bench_settings.json", overwrite=True)
+            net = bundle_network(BUNDLE, Path(tmp), net_settings)
             rows = sample_rows(net, cases, samplers if design == "paper" else [default], args.num_samples)
             entry = {"design": design, "train_seconds": seconds, "rows": rows}
             if design == "paper":
@@ -185,11 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             result["designs"].append(entry)
     result["baselines"] = baselines(cases, train_cases, args.num_samples)
     result["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    out = (
-        Path(args.out)
-        if args.out
-        else REPO / "bench" / "results" / f"lidc_learning{'_quick' if args.quick else ''}.json"
-    )
+    result["designs"].sort(key=lambda d: d["design"] != "paper")
     save_json(result, out, overwrite=True)
     print(table(result))
     if not args.no_readme and not args.quick:
@@ -197,10 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _bundle_root(keep: Path | None, design: str):
+    """A temporary bundle root, or KEEP/<design> (kept, with the settings to rebuild its network)."""
+    if keep is None:
+        return tempfile.TemporaryDirectory()
+    root = keep / design
+    root.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(root))
+
+
 def _diagnostics(network, train_cases: list) -> dict:
     """The network's latent diagnostics on all training crops (rater 0), at t = 100 and 500."""
     import torch
-    from monai.networks.schedulers import DDPMScheduler
+
+    from meddiff.schedulers import DDPMScheduler
 
     scheduler = DDPMScheduler(1000)
     image = torch.from_numpy(np.stack([c["image"] for c in train_cases])).float()

@@ -186,7 +186,7 @@ def train_seed(job: dict, cfg: dict) -> dict:
 
 
 def train_meddiff(job: dict, cfg: dict) -> dict:
-    """The bundle's own trainer (train.json): PrecisionDiffusionInferer, ConcatDiffusionPrepareBatch, make_adamw,
+    """The bundle's own trainer (train.json): DiffusionTrainingInferer, ConditionedPrepareBatch, make_adamw,
     GradientClipping, WarmupCosineSchedule, in a MONAI SupervisedTrainer; data are synthetic."""
     import torch
     from ignite.engine import Events
@@ -306,11 +306,11 @@ def sample_seed(job: dict, cfg: dict) -> dict:
 
 
 def sample_meddiff(job: dict, cfg: dict) -> dict:
-    """The bundle's sampler: `meddiff.inferers.ConcatSamplingInferer` on the inference.json network."""
+    """The bundle's sampler: `meddiff.inferers.ConditionedSamplingInferer` on the inference.json network."""
     import torch
 
     from meddiff.data.transforms import encode_mask
-    from meddiff.inferers import ConcatSamplingInferer
+    from meddiff.inferers import ConditionedSamplingInferer
     from meddiff.precision import cast_for_inference
 
     size, batch = job["size"], cfg["sample_batch"]
@@ -338,8 +338,8 @@ def sample_meddiff(job: dict, cfg: dict) -> dict:
     network.register_forward_pre_hook(pre_hook)
     network.register_forward_hook(post_hook)
 
-    def inferer(sampler: str, steps: int) -> ConcatSamplingInferer:
-        return ConcatSamplingInferer(
+    def inferer(sampler: str, steps: int) -> ConditionedSamplingInferer:
+        return ConditionedSamplingInferer(
             out_channels=1,
             sampler=sampler,
             num_inference_steps=steps,

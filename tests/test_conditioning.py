@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_diffusion_unet
 
 from meddiff.data import ABSENT_VALUE, EncodeMaskd, RandClassAblationd, decode_mask, encode_mask
-from meddiff.inferers import ConcatSamplingInferer
-from meddiff.schedulers import make_sampling_scheduler
+from meddiff.inferers import ConditionedSamplingInferer
+from meddiff.schedulers import make_scheduler
 
 
 def test_encoding_separates_background_from_absent_class() -> None:
@@ -44,30 +44,30 @@ def test_random_ablation_is_per_sample_bernoulli() -> None:
 
 
 def test_ddpm_full_chain_and_respaced() -> None:
-    scheduler, eta = make_sampling_scheduler("ddpm", 1000)
-    assert type(scheduler).__name__ == "DDPMScheduler" and len(scheduler.timesteps) == 1000
-    respaced, eta = make_sampling_scheduler("ddpm", 10)
-    assert eta == 1.0 and respaced.timesteps.tolist() == list(range(999, -1, -100))
-    ddim, eta = make_sampling_scheduler("ddim", 4)
-    assert eta == 0.0 and ddim.timesteps.tolist() == [999, 749, 499, 249]
+    full = make_scheduler("ddpm", 1000)
+    assert full.timesteps.tolist() == list(range(999, -1, -1)) and full.plan()[-1] == (0, -1)
+    respaced = make_scheduler("ddpm", 10)
+    assert respaced.timesteps.tolist() == list(range(999, -1, -100)) and respaced.plan()[-1] == (99, -1)
+    ddim = make_scheduler("ddim", 4)
+    assert ddim.timesteps.tolist() == [999, 749, 499, 249] and ddim.plan()[-1] == (249, -1)
     with pytest.raises(ValueError):
-        make_sampling_scheduler("ddim", 0)
+        make_scheduler("ddim", 0)
 
 
 def test_ddim_is_deterministic_with_a_seed() -> None:
     net, cond = tiny_diffusion_unet(), encode_mask(np.eye(16, dtype=int) * 2, 4)[None].repeat(2, 1, 1, 1)
-    inferer = ConcatSamplingInferer(out_channels=1, num_inference_steps=5, seed=7)
+    inferer = ConditionedSamplingInferer(out_channels=1, num_inference_steps=5, seed=7)
     a, b = inferer(cond, net), inferer(cond, net)
     assert a.shape == (2, 1, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a, inferer(cond, net, seed=8))
     assert a.abs().max() <= 1.0
-    ddpm = ConcatSamplingInferer(sampler="ddpm", num_inference_steps=5, seed=7)
+    ddpm = ConditionedSamplingInferer(sampler="ddpm", num_inference_steps=5, seed=7)
     assert torch.equal(ddpm(cond, net), ddpm(cond, net))
 
 
 def test_bf16_sampling_close_to_fp32() -> None:
     net, cond = tiny_diffusion_unet(), encode_mask(np.eye(16, dtype=int), 4)[None]
-    fp32 = ConcatSamplingInferer(num_inference_steps=5, seed=3)(cond, net)
-    fast = ConcatSamplingInferer(num_inference_steps=5, seed=3, precision="bf16", channels_last=True)(cond, net)
+    fp32 = ConditionedSamplingInferer(num_inference_steps=5, seed=3)(cond, net)
+    fast = ConditionedSamplingInferer(num_inference_steps=5, seed=3, precision="bf16", channels_last=True)(cond, net)
     assert next(net.parameters()).dtype == torch.float32  # the caller's network is left untouched
     assert (fast - fp32).abs().mean() < 0.05

@@ -14,7 +14,7 @@ from test_breast_mri_bundle import BUNDLE, TINY
 from meddiff.data import encode_mask, load_slices
 from meddiff.demo import run_bundle
 from meddiff.evaluation import segment
-from meddiff.inferers import ConcatSamplingInferer
+from meddiff.inferers import ConditionedSamplingInferer
 from meddiff.metrics import mean_class_dice
 from meddiff.precision import autocast, cast_for_inference, resolve_precision
 
@@ -52,9 +52,9 @@ def generate(net: torch.nn.Module, labels: np.ndarray, precision: str, seed: int
     """Sample one image per label slice with DDIM-10."""
     cond = torch.stack([encode_mask(label, 4) for label in labels])
     channels_last = precision != "fp32"
-    return ConcatSamplingInferer(num_inference_steps=10, seed=seed, precision=precision, channels_last=channels_last)(
-        cond, net
-    )
+    return ConditionedSamplingInferer(
+        num_inference_steps=10, seed=seed, precision=precision, channels_last=channels_last
+    )(cond, net)
 
 
 def test_bf16_matches_fp32_on_trained_model(trained: tuple[Path, list[dict]]) -> None:
@@ -79,16 +79,15 @@ def test_bf16_matches_fp32_on_trained_model(trained: tuple[Path, list[dict]]) ->
 def test_bf16_training_step_close_to_fp32(trained: tuple[Path, list[dict]]) -> None:
     root, slices = trained
     net, _ = load_networks(root)
-    from monai.networks.schedulers import DDPMScheduler
-
-    from meddiff.inferers import PrecisionDiffusionInferer
+    from meddiff.inferers import DiffusionTrainingInferer
+    from meddiff.schedulers import DDPMScheduler
 
     images = torch.from_numpy(np.stack([s["image"] for s in slices]))
     cond = torch.stack([encode_mask(s["label"], 4) for s in slices])
     noise, t = torch.randn_like(images), torch.full((len(images),), 500)
-    fp32 = PrecisionDiffusionInferer(DDPMScheduler(1000))(images, net, noise, t, cond)
+    fp32 = DiffusionTrainingInferer(DDPMScheduler(1000))(images, net, noise, t, cond)
     fast_net = net.to(memory_format=torch.channels_last)
-    bf16 = PrecisionDiffusionInferer(DDPMScheduler(1000), "bf16", True)(images, fast_net, noise, t, cond)
+    bf16 = DiffusionTrainingInferer(DDPMScheduler(1000), "concat", "bf16", True)(images, fast_net, noise, t, cond)
     assert bf16.dtype == torch.float32
     assert torch.nn.functional.mse_loss(bf16, fp32) < 0.01 * fp32.pow(2).mean()
 

@@ -22,6 +22,7 @@ from meddiff.data import DataError, check_num_classes, load_slices
 from meddiff.data.layouts import find_pairs, read_png_image, read_png_mask
 from meddiff.data.lidc import find_lidc_cases, load_lidc_cases, read_binary_mask
 from meddiff.dicom import DicomSeriesError, read_series, read_volume
+from meddiff.generation import find_condition_masks
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -371,8 +372,50 @@ def test_non_dicom_files_in_a_series_folder_are_warned_about(tmp_path, caplog):
 def test_unknown_split_is_refused(tmp_path, layout):
     for sub in ("imagesTr", "labelsTr", "images", "masks"):
         (tmp_path / sub).mkdir()
-    with pytest.raises(DataError, match=r"split 'val' is not one the .* layout has: use train .* or test"):
+    with pytest.raises(DataError, match=r"split 'val' is not one the .* layout has: use train .* or test") as err:
         find_pairs(layout, dataset_dir=str(tmp_path), split="val")
+    assert f"; {tmp_path} has " in str(err.value)
+
+
+def test_msd_split_it_lacks_is_refused_not_read_from_another(tmp_path):
+    """Generation used to read labelsTr/ for split "val": a split the dataset lacks is refused wherever it is read."""
+    for sub in ("imagesTr", "labelsTr"):
+        _msd(tmp_path, ["a.nii.gz"], sub)
+    root = re.escape(str(tmp_path))
+    held = rf"{root} has only the train split \(labelsTr/\)"
+    for split in ("val", "validation", "Train"):
+        unknown = rf"split '{split}' is not one the msd layout has: use train .*; {held}\.$"
+        with pytest.raises(DataError, match=unknown):
+            find_pairs("msd", dataset_dir=str(tmp_path), split=split)
+        with pytest.raises(DataError, match=unknown):
+            find_condition_masks(dataset_dir=str(tmp_path), split=split)
+    absent = rf"split 'test' is absent from {root}: there is no labelsTs/, and {held}; choose a split it has"
+    with pytest.raises(DataError, match=absent):
+        find_pairs("msd", dataset_dir=str(tmp_path), split="test")
+    with pytest.raises(DataError, match=absent):
+        find_condition_masks(dataset_dir=str(tmp_path), split="test")
+    # the splits the dataset has read as before
+    train = find_pairs("msd", dataset_dir=str(tmp_path), split="train")
+    assert train == find_pairs("msd", dataset_dir=str(tmp_path), split="training") and train[0]["name"] == "a"
+    assert find_condition_masks(dataset_dir=str(tmp_path), split="training")[1] == [tmp_path / "labelsTr" / "a.nii.gz"]
+    _msd(tmp_path, ["b.nii.gz"], "labelsTs")
+    assert [p["name"] for p in find_pairs("msd", dataset_dir=str(tmp_path), split="testing")] == ["b"]
+    assert find_condition_masks(dataset_dir=str(tmp_path), split="test")[1] == [tmp_path / "labelsTs" / "b.nii.gz"]
+    with pytest.raises(DataError, match=r"has the train \(labelsTr/\) and test \(labelsTs/\) splits\.$"):
+        find_condition_masks(dataset_dir=str(tmp_path), split="val")
+
+
+def test_dicom_datalist_without_the_split_is_refused(tmp_path):
+    (tmp_path / "case0" / "image").mkdir(parents=True)
+    _nifti(tmp_path / "case0" / "label.nii.gz", np.ones((4, 4, 2), np.uint8))
+    (tmp_path / "datalist.json").write_text('{"training": [{"image": "case0/image", "label": "case0/label.nii.gz"}]}')
+    assert [p["name"] for p in find_pairs("dicom", dataset_dir=str(tmp_path), split="training")] == ["case0"]
+    with pytest.raises(
+        DataError,
+        match=r"split 'test' is absent from .*datalist\.json: it has no 'testing' list, and .* has only the train "
+        r'split \("training" in datalist\.json\)',
+    ):
+        find_pairs("dicom", dataset_dir=str(tmp_path), split="test")
 
 
 # ---------------------------------------------------------------- 9. num_classes from the data

@@ -12,14 +12,15 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
 from PIL import Image
 
-from meddiff.cimd import CIMDLoss, CIMDPrepareBatch, CIMDTrainingInferer
+from meddiff.cimd import CIMDLoss, CIMDTrainingInferer
 from meddiff.dicom import read_series
+from meddiff.engines import CIMDPrepareBatch
 from meddiff.ensembles import DicomNoduleEnsembles, EnsembleSamplingInferer
 from meddiff.io import OutputExistsError
 from meddiff.networks import AxisAlignedConvGaussian, CIMDNetwork
+from meddiff.schedulers import DDPMScheduler
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lidc_ambiguous_segmentation"
 
@@ -128,7 +129,7 @@ def test_cvae_variant_injects_the_latent_and_reports_collapse():
 def test_ensemble_default_is_stochastic():
     """Two members started from the same x_T differ under the bundle's default sampler (and not under DDIM)."""
     from meddiff.sampling import sample
-    from meddiff.schedulers import make_sampling_scheduler
+    from meddiff.schedulers import make_scheduler
 
     parser = ConfigParser()
     parser.read_config(BUNDLE / "configs" / "inference.json")
@@ -138,9 +139,8 @@ def test_ensemble_default_is_stochastic():
     x_t = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1)
 
     def members(name: str) -> torch.Tensor:
-        scheduler, eta = make_sampling_scheduler(name, steps)
         with torch.no_grad():
-            return sample(lambda x, t: net.denoise(x, t, image), scheduler, x_t.shape, noise=x_t.clone(), eta=eta,
+            return sample(lambda x, t: net.denoise(x, t, image), make_scheduler(name, steps), noise=x_t.clone(),
                           generator=torch.Generator().manual_seed(0))  # fmt: skip
 
     default = members(sampler)

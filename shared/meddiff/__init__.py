@@ -32,6 +32,10 @@ _SUBMODULES = {
     "ensembles",
     "demo",
     "cli",
+    "conditioning",
+    "features",
+    "latent",
+    "losses",
 }
 
 

@@ -2,8 +2,8 @@
 
 One training step (Rahman et al., CVPR 2023; the network's two designs are described in `meddiff.networks`):
 
-1. `CIMDPrepareBatch`: the diffused variable is one rater's mask x_0 in [-1, 1] (batch key ``label``), the
-   condition is the CT crop (key ``image``); it draws the noise and the timesteps, and the noise is the target.
+1. `meddiff.engines.CIMDPrepareBatch`: the diffused variable is one rater's mask x_0 in [-1, 1] (batch key
+   ``label``), the condition is the CT crop (key ``image``); it draws the noise and timesteps; the noise is the target.
 2. `CIMDTrainingInferer`: x_t = q_sample(x_0, t, noise), then ``network(x_t, t, image=..., mask=x_0,
    alpha_bar=ᾱ_t)``, which returns ``(eps_pred, kl)`` with kl = KL(q || p) per latent dimension, (B, latent_dim).
 3. `CIMDLoss`: ``mse(eps_pred, noise) + kl_weight * sum_d max(mean_batch KL_d, free_bits)``; the denoiser and both
@@ -20,41 +20,18 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import DiffusionPrepareBatch, default_prepare_batch
 from torch import nn
 
-from meddiff.inferers import PrecisionDiffusionInferer
+from meddiff.inferers import DiffusionTrainingInferer
 from meddiff.options import parse
 from meddiff.precision import autocast, to_memory_format
 
-__all__ = ["CIMDDiagnostics", "CIMDLoss", "CIMDPrepareBatch", "CIMDTrainingInferer"]
+__all__ = ["CIMDDiagnostics", "CIMDLoss", "CIMDTrainingInferer"]
 
 logger = logging.getLogger(__name__)
 
 
-class CIMDPrepareBatch(DiffusionPrepareBatch):
-    """`DiffusionPrepareBatch` that diffuses the mask (``label``) and passes the image (``image``) as the condition."""
-
-    def __init__(self, num_train_timesteps: int) -> None:
-        super().__init__(num_train_timesteps=num_train_timesteps, condition_name="image")
-
-    def __call__(
-        self,
-        batchdata: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        image, mask = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        if mask is None:
-            raise ValueError("CIMD training needs a 'label' (one rater's mask in [-1, 1]) in every batch.")
-        noise = self.get_noise(mask).to(device, non_blocking=non_blocking)
-        timesteps = self.get_timesteps(mask).to(device, non_blocking=non_blocking)
-        target = self.get_target(mask, noise, timesteps)
-        return mask, target, (), {"noise": noise, "timesteps": timesteps, "condition": image}
-
-
-class CIMDTrainingInferer(PrecisionDiffusionInferer):
+class CIMDTrainingInferer(DiffusionTrainingInferer):
     """Noise the mask and run a `CIMDNetwork` on it in training mode: returns ``(eps_pred, kl)`` in float32.
 
     The network gets ᾱ_t of each item (for the paper design's estimate x̂_0) and runs under bf16/fp16 autocast and

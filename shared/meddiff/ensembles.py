@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import Inferer
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
@@ -32,12 +31,11 @@ from meddiff.data.lidc import (
 )
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.errors import OptionError
+from meddiff.inferers import SamplingInferer
 from meddiff.io import StagedOutput, atomic_write, check_new_output, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
 from meddiff.options import check, parse
-from meddiff.precision import cast_for_inference, check_precision, to_memory_format
-from meddiff.sampling import make_generator, sample
-from meddiff.schedulers import make_sampling_scheduler
+from meddiff.sampling import sample
 from meddiff.visualize import save_grid, to_rgb_tile
 
 __all__ = [
@@ -54,94 +52,61 @@ MANIFEST = "ensembles.json"
 OUTPUTS = ("samples", "frequency", "majority")
 
 
-class EnsembleSamplingInferer(Inferer):
+class EnsembleSamplingInferer(SamplingInferer):
     """Sample `num_samples` masks per input image with a `meddiff.networks.CIMDNetwork`.
 
     `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets its own noise (and, for the cVAE
     design only, its own z ~ p(z | image_b) drawn once); all B * N members run as one batch through
-    `meddiff.sampling.sample`. The members differ through the stochastic reverse process: use an ancestral sampler
-    (``ddpm``, respaced when `num_inference_steps` < `num_train_timesteps`); deterministic ``ddim`` maps each x_T
-    to one mask and removes most of the ensemble's diversity. Each x_0 is
-    thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
+    `meddiff.sampling.sample`. The members differ through the stochastic reverse process: use a stochastic sampler
+    (``ddpm``, ancestral and respaced when `num_inference_steps` < `num_train_timesteps`, or ``dpmpp_2m_sde``);
+    deterministic ``ddim`` and ``dpmpp_2m`` map each x_T to one mask and remove most of the ensemble's diversity.
+    Each x_0 is thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
     ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
     ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
     ``seed`` and ``output`` can be overridden per call as keyword arguments.
 
     Args:
         num_samples: members per ensemble (option ``--num_samples``, at least 2).
-        sampler: "ddpm" (ancestral; respaced when fewer steps than training) or "ddim" (deterministic).
-        num_inference_steps: reverse steps per member.
-        num_train_timesteps: the timesteps the model was trained with.
-        schedule: the noise schedule's name, as in training.
-        precision: "auto", "fp32", "bf16" or "fp16" for sampling.
-        channels_last: run the network in channels-last memory format.
-        seed: the generator's seed (None: nondeterministic).
         output: "frequency", "samples" or "majority" (see above).
         threshold: members are ``x_0 > threshold``.
-        progress: show the sampling progress bar.
+        kwargs: the `meddiff.inferers.SamplingInferer` settings (sampler "ddpm" and 25 steps by default here).
     """
 
-    def __init__(
-        self,
-        num_samples: int = 16,
-        sampler: str = "ddpm",
-        num_inference_steps: int = 25,
-        num_train_timesteps: int = 1000,
-        schedule: str = "linear_beta",
-        precision: str = "fp32",
-        channels_last: bool = False,
-        seed: int | None = 0,
-        output: str = "frequency",
-        threshold: float = 0.0,
-        progress: bool = False,
-    ) -> None:
-        super().__init__()
+    def __init__(self, num_samples: int = 16, output: str = "frequency", threshold: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("sampler", "ddpm")
+        kwargs.setdefault("num_inference_steps", 25)
+        super().__init__(**kwargs)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
-        self.num_samples, self.sampler = parse("num_samples", num_samples), parse("sampler", sampler)
-        self.num_inference_steps = parse("num_inference_steps", num_inference_steps)
-        self.num_train_timesteps, self.schedule = parse("num_train_timesteps", num_train_timesteps), schedule
-        self.precision, self.channels_last = check_precision(precision), parse("channels_last", channels_last)
-        self.seed = None if seed is None else parse("seed", seed)
-        self.output, self.threshold, self.progress = output, threshold, parse("progress", progress)
+        self.num_samples, self.output, self.threshold = parse("num_samples", num_samples), output, threshold
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Sample the ensembles of a batch of images and return them in the form `output` names."""
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
         output = kwargs.get("output", self.output)
-        samples = self.sample_ensemble(torch.as_tensor(inputs), network, kwargs.get("seed", self.seed)).float()
+        samples = self.sample_ensemble(inputs, network, scheduler, generator).float()
         if output == "samples":
             return samples
         frequency = samples.mean(dim=1, keepdim=True)
         return frequency if output == "frequency" else (frequency > 0.5).float()
 
-    def sample_ensemble(self, inputs: torch.Tensor, network: torch.nn.Module, seed: int | None) -> torch.Tensor:
-        """The binary members (B, N, H, W) of every image's ensemble."""
-        scheduler, eta = make_sampling_scheduler(
-            self.sampler, self.num_inference_steps, self.num_train_timesteps, self.schedule
+    def sample_ensemble(self, inputs, network, scheduler, generator) -> torch.Tensor:
+        """The binary members (B, N, H, W) of every image's ensemble (network prepared by `__call__`)."""
+        dtype, batch, n = next(network.parameters()).dtype, inputs.shape[0], self.num_samples
+        image = inputs.float().to(dtype)
+        latent = network.sample_prior(image, generator, num_samples=n) if network.injects_latent else None
+        image = image.repeat_interleave(n, dim=0)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return network.denoise(x.to(dtype), t, image, latent)
+
+        masks = sample(
+            denoise,
+            scheduler,
+            (batch * n, network.mask_channels, *inputs.shape[2:]),
+            device=inputs.device,
+            generator=generator,
+            progress=self.progress,
+            desc=f"{self.sampler} x{n}",
         )
-        net = cast_for_inference(network, self.precision, self.channels_last)
-        net = getattr(net, "module", net).eval()
-        dtype, device = next(net.parameters()).dtype, inputs.device
-        batch, n = inputs.shape[0], self.num_samples
-        generator = make_generator(seed, device)
-        with torch.no_grad():
-            image = to_memory_format(inputs.float().to(dtype), self.channels_last)
-            latent = net.sample_prior(image, generator, num_samples=n) if net.injects_latent else None
-            image = image.repeat_interleave(n, dim=0)
-
-            def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return net.denoise(to_memory_format(x.to(dtype), self.channels_last), t, image, latent)
-
-            masks = sample(
-                denoise,
-                scheduler,
-                (batch * n, net.mask_channels, *inputs.shape[2:]),
-                device=device,
-                generator=generator,
-                eta=eta,
-                progress=self.progress,
-                desc=f"{self.sampler} x{n}",
-            )
         return (masks[:, 0] > self.threshold).view(batch, n, *inputs.shape[2:])
 
 

@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.layouts import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_label, file_stem, list_files, read_png_mask
+from meddiff.data.layouts import (
+    IMAGE_SUFFIXES,
+    VOLUME_SUFFIXES,
+    check_label,
+    file_stem,
+    list_files,
+    msd_split_folders,
+    read_png_mask,
+)
 from meddiff.data.slices import foreground_fraction, resize_label
 from meddiff.data.transforms import encode_mask
 from meddiff.io import StagedOutput, atomic_write, save_json, save_png, to_uint8
@@ -58,9 +66,7 @@ def find_condition_masks(
     elif seg_dir:
         folder = Path(seg_dir) / "all" / split
     elif dataset_dir:
-        folder = Path(dataset_dir) / ("labelsTs" if split in ("test", "testing") else "labelsTr")
-        if folder.is_dir():
-            return "volume", list_files(folder, VOLUME_SUFFIXES)
+        return "volume", list_files(msd_split_folders(dataset_dir, split)[1], VOLUME_SUFFIXES)
     else:
         raise DataError("No masks given: pass --mask_dir (PNG masks) or --dataset_dir holding labelsTs/ volumes.")
     if not folder.is_dir():

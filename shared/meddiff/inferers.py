@@ -1,7 +1,18 @@
-"""MONAI `Inferer`s: a training inferer with a precision switch, and samplers that run a whole reverse process.
+"""MONAI `Inferer`s: the training inferer, and sampling inferers that run a whole reverse process.
 
-The samplers' ``__call__(inputs, network)`` runs all of the sampling, so MONAI's `SupervisedEvaluator` and MONAI
-Label's bundle loader can drive them like any segmentation inferer.
+`DiffusionTrainingInferer` noises the input and calls the network through a `meddiff.conditioning.Conditioning`
+under the requested precision. `SamplingInferer` holds what every sampler shares (settings, the scheduler, the cast
+of the network, the seeded generator, ``no_grad``); its subclasses only say what is sampled:
+
+- `ConditionedSamplingInferer`: images from a condition (an encoded mask, a SPADE label map, a class), with
+  optional classifier-free guidance;
+- `InpaintingSamplingInferer`: an image whose masked pixels are generated (RePaint jumps, or a partially noised
+  start);
+- `LatentSamplingInferer`: latents decoded by an autoencoder, with optional classifier-gradient guidance;
+- `meddiff.ensembles.EnsembleSamplingInferer`: N CIMD segmentations per image.
+
+Their ``__call__(inputs, network)`` runs all of the sampling, so MONAI's `SupervisedEvaluator` and MONAI Label's
+bundle loader drive them like any segmentation inferer; ``seed`` can be given per call as a keyword.
 """
 
 from __future__ import annotations
@@ -10,25 +21,59 @@ from typing import Any
 
 import torch
 from monai.inferers import DiffusionInferer, Inferer
-from monai.networks.schedulers import Scheduler
 
-from meddiff.precision import autocast, cast_for_inference, check_precision, to_memory_format
-from meddiff.sampling import Denoiser, make_generator, sample
-from meddiff.schedulers import make_sampling_scheduler
+from meddiff.conditioning import Conditioning
+from meddiff.latent import LatentDecoder
+from meddiff.options import parse
+from meddiff.precision import autocast, cast_for_inference, check_precision
+from meddiff.sampling import (
+    KnownRegionMerge,
+    class_log_prob,
+    classifier_free,
+    classifier_gradient,
+    conditioned,
+    make_generator,
+    sample,
+)
+from meddiff.schedulers import GridScheduler, make_scheduler
 
-__all__ = ["ConcatSamplingInferer", "PrecisionDiffusionInferer", "concat_denoiser"]
+__all__ = [
+    "ConditionedSamplingInferer",
+    "DiffusionTrainingInferer",
+    "InpaintingSamplingInferer",
+    "LatentSamplingInferer",
+    "SamplingInferer",
+]
 
 
-class PrecisionDiffusionInferer(DiffusionInferer):
-    """`DiffusionInferer` for training that runs the network under bf16/fp16 autocast and channels_last.
+def _conditioning(conditioning: Conditioning | str, channels_last: bool = False) -> Conditioning:
+    if isinstance(conditioning, Conditioning):
+        return conditioning
+    return Conditioning(conditioning, channels_last=channels_last)
 
-    The loss sees a float32 prediction. The condition is concatenated to the noisy image (``mode="concat"``) or
-    passed as cross-attention context, as in MONAI.
+
+class DiffusionTrainingInferer(DiffusionInferer):
+    """`DiffusionInferer` for training: x_t = q_sample(x_0, t, noise), then the network through `conditioning`.
+
+    The network runs under bf16/fp16 autocast and channels_last when asked; the loss sees a float32 prediction.
+
+    Args:
+        scheduler: the training noise scheduler (its `add_noise`).
+        conditioning: how the condition reaches the network (`meddiff.conditioning.Conditioning` or its mode).
+        precision: "fp32", "bf16", "fp16" or "auto".
+        channels_last: run the network in channels-last memory format.
     """
 
-    def __init__(self, scheduler: Scheduler, precision: str = "fp32", channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        conditioning: Conditioning | str = "concat",
+        precision: str = "fp32",
+        channels_last: bool = False,
+    ) -> None:
         super().__init__(scheduler)
         self.precision, self.channels_last = check_precision(precision), channels_last
+        self.conditioning = _conditioning(conditioning, channels_last)
 
     def __call__(  # type: ignore[override]
         self,
@@ -36,78 +81,221 @@ class PrecisionDiffusionInferer(DiffusionInferer):
         diffusion_model: torch.nn.Module,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
-        condition: torch.Tensor | None = None,
-        mode: str = "concat",
+        condition: Any = None,
+        mode: str | None = None,
         seg: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if mode is not None and mode != self.conditioning.mode:
+            raise ValueError(f"this inferer conditions by {self.conditioning.mode!r}; it was asked for {mode!r}.")
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
-        context = None
-        if condition is not None and mode == "concat":
-            noisy = torch.cat([noisy, condition], dim=1)
-        else:
-            context = condition
-        noisy = to_memory_format(noisy, self.channels_last)
         with autocast(inputs.device, self.precision):
-            kwargs: dict[str, Any] = {"context": context} if context is not None else {}
-            if seg is not None:
-                kwargs["seg"] = seg
-            prediction = diffusion_model(noisy, timesteps=timesteps, **kwargs)
+            prediction = self.conditioning(diffusion_model, noisy, timesteps, seg if seg is not None else condition)
         return prediction.float()
 
 
-def concat_denoiser(network: torch.nn.Module, condition: torch.Tensor, channels_last: bool) -> Denoiser:
-    """A denoiser that concatenates `condition` to x_t and runs `network` in the dtype of its weights."""
-    dtype = next(network.parameters()).dtype
-    condition = condition.to(dtype)
+class SamplingInferer(Inferer):
+    """What every sampling inferer shares; subclasses implement `run`.
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return network(to_memory_format(torch.cat([x.to(dtype), condition], dim=1), channels_last), timesteps=t)
+    Args:
+        sampler: "ddpm" (ancestral, respaced below `num_train_timesteps`), "ddim", "dpmpp_2m" or "dpmpp_2m_sde".
+        num_inference_steps: reverse steps.
+        num_train_timesteps: the timesteps the model was trained with.
+        schedule: the noise schedule's name, as in training.
+        clip_sample: clip each step's x_0 estimate to [-1, 1].
+        precision: "auto", "fp32", "bf16" or "fp16" for sampling.
+        channels_last: run the network in channels-last memory format.
+        seed: the generator's seed (None: nondeterministic); ``seed=`` per call overrides it.
+        progress: show the sampling progress bar.
+        scheduler_args: further scheduler arguments (``eta``, ``variance_type``, ``jump_length``, ...).
+    """
 
-    return denoise
+    def __init__(
+        self,
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        clip_sample: bool = True,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        seed: int | None = 0,
+        progress: bool = False,
+        scheduler_args: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.sampler, self.num_inference_steps = (
+            parse("sampler", sampler),
+            parse("num_inference_steps", num_inference_steps),
+        )
+        self.num_train_timesteps, self.schedule = parse("num_train_timesteps", num_train_timesteps), schedule
+        self.clip_sample = clip_sample
+        self.precision, self.channels_last = check_precision(precision), parse("channels_last", channels_last)
+        self.seed = None if seed is None else parse("seed", seed)
+        self.progress, self.scheduler_args = parse("progress", progress), dict(scheduler_args or {})
+
+    def make_scheduler(self) -> GridScheduler:
+        """A fresh scheduler with its timesteps set (schedulers keep per-run state)."""
+        return make_scheduler(
+            self.sampler,
+            self.num_inference_steps,
+            num_train_timesteps=self.num_train_timesteps,
+            schedule=self.schedule,
+            clip_sample=self.clip_sample,
+            **self.scheduler_args,
+        )
+
+    def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run `run` on the network cast for inference, under ``no_grad``, with the seeded generator."""
+        inputs = torch.as_tensor(inputs)
+        net = cast_for_inference(network, self.precision, self.channels_last)
+        net = getattr(net, "module", net).eval()
+        generator = make_generator(kwargs.pop("seed", self.seed), inputs.device)
+        with torch.no_grad():
+            return self.run(inputs, net, self.make_scheduler(), generator, **kwargs)
+
+    def run(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        scheduler: GridScheduler,
+        generator: torch.Generator | None,
+        **kwargs: Any,
+    ) -> Any:
+        """Sample for `inputs` with the prepared `network`; implemented by each subclass."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement run().")
 
 
-class ConcatSamplingInferer(Inferer):
-    """Generate images conditioned on a channel-concatenated input (e.g. an encoded mask): the full reverse process.
+class ConditionedSamplingInferer(SamplingInferer):
+    """Images generated from a condition: `inputs` is the condition, e.g. an encoded mask (B, C_cond, H, W).
 
-    `inputs` is the condition (B, C_cond, H, W); the result is (B, out_channels, H, W), clipped to [-1, 1].
-    Few-step DDIM is the interactive default; ``sampler="ddpm"`` with 1000 steps is the original method's way.
+    The result is (B, out_channels, H, W) clipped to [-1, 1]. Few-step DDIM is the interactive default; ``ddpm``
+    with 1000 steps is the original methods' way.
+
+    Args:
+        out_channels: channels of the generated image.
+        conditioning: "concat" (the condition is stacked with x_t), "seg" (SPADE), "context" or "class".
+        guidance_scale: classifier-free guidance scale s (1: plain conditional sampling; see
+            `meddiff.sampling.guidance`).
+        eps_channels: with learned sigma, the first `eps_channels` output channels are the noise prediction.
+        kwargs: the `SamplingInferer` settings.
     """
 
     def __init__(
         self,
         out_channels: int = 1,
-        sampler: str = "ddim",
-        num_inference_steps: int = 50,
-        num_train_timesteps: int = 1000,
-        schedule: str = "linear_beta",
-        precision: str = "fp32",
-        channels_last: bool = False,
-        seed: int | None = 0,
-        progress: bool = False,
+        conditioning: str = "concat",
+        guidance_scale: float = 1.0,
+        eps_channels: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.out_channels, self.seed, self.progress = out_channels, seed, progress
-        self.precision, self.channels_last = check_precision(precision), channels_last
-        self.sampler, self.num_inference_steps = sampler, num_inference_steps
-        self.num_train_timesteps, self.schedule = num_train_timesteps, schedule
+        super().__init__(**kwargs)
+        self.out_channels, self.conditioning = out_channels, _conditioning(conditioning, self.channels_last)
+        self.guidance_scale, self.eps_channels = parse("guidance_scale", guidance_scale), eps_channels
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Sample one image per condition in the batch."""
-        scheduler, eta = make_sampling_scheduler(
-            self.sampler, self.num_inference_steps, self.num_train_timesteps, self.schedule
-        )
-        device = inputs.device
-        net = cast_for_inference(network, self.precision, self.channels_last)
-        net.eval()
-        shape = (inputs.shape[0], self.out_channels, *inputs.shape[2:])
-        with torch.no_grad():
-            images = sample(
-                concat_denoiser(net, torch.as_tensor(inputs).float(), self.channels_last),
-                scheduler,
-                shape,
-                device=device,
-                generator=make_generator(kwargs.get("seed", self.seed), device),
-                eta=eta,
-                progress=self.progress,
-            )
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+        condition = inputs.to(next(network.parameters()).dtype) if inputs.is_floating_point() else inputs
+        denoiser = classifier_free(network, self.conditioning, condition, self.guidance_scale, self.eps_channels)
+        shape = (inputs.shape[0], self.out_channels, *kwargs.get("spatial_size", inputs.shape[2:]))
+        images = sample(denoiser, scheduler, shape, generator=generator, device=inputs.device, progress=self.progress)
         return images.clamp(-1.0, 1.0)
+
+
+class InpaintingSamplingInferer(SamplingInferer):
+    """Generate the unknown pixels of an image: `inputs` is ``cat([image, known], dim=1)`` with ``known`` the last
+    channel (1 = keep the pixel), or the image with ``known=`` given as a keyword.
+
+    RePaint (Lugmayr et al. 2022): ``sampler="ddpm"`` with ``scheduler_args={"jump_length": 10, "jump_n_sample":
+    10}`` resamples through the scheduler's jumps, and the known pixels are merged back after every step
+    (`meddiff.sampling.KnownRegionMerge`). ``skip_steps`` > 0 starts from the image noised to the plan's remaining
+    first timestep instead of pure noise (the seeds' ``skip_timesteps``).
+
+    Args:
+        skip_steps: moves of the plan skipped by starting from the noised image.
+        conditioning: how an optional ``condition=`` keyword reaches the network ("none" when unconditional).
+        kwargs: the `SamplingInferer` settings.
+    """
+
+    def __init__(self, skip_steps: int = 0, conditioning: str = "none", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.skip_steps, self.conditioning = parse("skip_steps", skip_steps), _conditioning(conditioning)
+
+    def make_scheduler(self) -> GridScheduler:
+        if {"jump_length", "jump_n_sample"} & set(self.scheduler_args) and self.sampler == "ddpm":
+            return make_scheduler(
+                "repaint",
+                self.num_inference_steps,
+                self.num_train_timesteps,
+                self.schedule,
+                self.clip_sample,
+                **self.scheduler_args,
+            )
+        return super().make_scheduler()
+
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+        known = kwargs.get("known")
+        image = inputs if known is not None else inputs[:, :-1]
+        known = torch.as_tensor(known if known is not None else inputs[:, -1:]).to(inputs.device)
+        denoiser = conditioned(network, self.conditioning, kwargs.get("condition"))
+        merge = KnownRegionMerge(image, known, scheduler)
+        start = {"image": image, "skip_steps": self.skip_steps} if self.skip_steps else {"shape": tuple(image.shape)}
+        out = sample(
+            denoiser,
+            scheduler,
+            generator=generator,
+            device=inputs.device,
+            after_step=merge,
+            progress=self.progress,
+            **start,
+        )
+        return out.clamp(-1.0, 1.0)
+
+
+class LatentSamplingInferer(SamplingInferer):
+    """Latent diffusion: sample latents of `latent_shape`, optionally guided by a latent classifier, then decode.
+
+    `inputs` holds the wanted class of each sample (B,) (or (B, 1)); with ``conditioning="class"`` it is also given
+    to the network. ``classifier`` (a noise-aware classifier on latents, ``classifier(z_t, timesteps=t) -> logits``)
+    and ``classifier_scale`` > 0 add classifier-gradient guidance towards that class (Dhariwal & Nichol 2021).
+
+    Args:
+        autoencoder: decodes the latents (`meddiff.latent.LatentDecoder`).
+        latent_shape: (C, *spatial) of one latent.
+        scale_factor: the factor latents were multiplied by in training.
+        conditioning: "none" or "class".
+        classifier: the latent classifier for guidance (None: no guidance).
+        classifier_scale: guidance scale s.
+        kwargs: the `SamplingInferer` settings.
+    """
+
+    def __init__(
+        self,
+        autoencoder: torch.nn.Module,
+        latent_shape: tuple[int, ...],
+        scale_factor: float = 1.0,
+        conditioning: str = "none",
+        classifier: torch.nn.Module | None = None,
+        classifier_scale: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.decoder, self.latent_shape = LatentDecoder(autoencoder, scale_factor), tuple(latent_shape)
+        self.conditioning, self.classifier = _conditioning(conditioning), classifier
+        self.classifier_scale = float(classifier_scale)
+
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+        labels = inputs.reshape(inputs.shape[0]).long()
+        denoiser = conditioned(network, self.conditioning, labels if self.conditioning.mode == "class" else None)
+        if self.classifier is not None and self.classifier_scale > 0:
+            self.classifier.eval()
+            log_prob = class_log_prob(self.classifier, labels)
+            denoiser = classifier_gradient(denoiser, log_prob, scheduler, self.classifier_scale)
+        shape = (labels.shape[0], *self.latent_shape)
+        return sample(
+            denoiser,
+            scheduler,
+            shape,
+            generator=generator,
+            device=inputs.device,
+            finish=self.decoder,
+            progress=self.progress,
+        )

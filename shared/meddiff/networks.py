@@ -30,6 +30,8 @@ from monai.networks.layers.factories import Pool
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
+from meddiff.conditioning import concat_inputs
+
 __all__ = ["DESIGNS", "AxisAlignedConvGaussian", "CIMDNetwork", "estimate_x0", "kl_per_dimension", "sample_latent"]
 
 
@@ -182,12 +184,9 @@ class CIMDNetwork(nn.Module):
         self, x: torch.Tensor, timesteps: torch.Tensor, image: torch.Tensor, latent: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The noise prediction for the noisy mask `x`; `latent` is used (and needed) by the cVAE design only."""
-        parts = [x, image.to(x.dtype)]
-        if self.injects_latent:
-            if latent is None:
-                raise ValueError("the cVAE design needs `latent` (a prior draw at sampling, posterior in training).")
-            parts.append(latent.to(x.dtype).view(*latent.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
-        h = torch.cat(parts, dim=1)
+        if self.injects_latent and latent is None:
+            raise ValueError("the cVAE design needs `latent` (a prior draw at sampling, posterior in training).")
+        h = concat_inputs(x, image, latent if self.injects_latent else None)
         if _wants_channels_last(self.denoiser):
             h = h.contiguous(memory_format=torch.channels_last)
         return self.denoiser(h, timesteps=timesteps)

@@ -177,7 +177,9 @@ RULES: dict[str, Rule] = {
     # diffusion
     "num_train_timesteps": Rule("int", low=2, high=100_000),
     "num_inference_steps": _POSITIVE_INT,
-    "sampler": Rule("choice", choices=("ddpm", "ddim")),
+    "sampler": Rule("choice", choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")),
+    "guidance_scale": Rule("float", low=0.0, high=100.0, hint="1 is plain conditional sampling, 0 unconditional"),
+    "skip_steps": Rule("int", low=0, hint="sampling steps skipped by starting from the noised image"),
     "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
     "d_a_distance": Rule("choice", choices=("dice", "variance")),
     # DICOM nodule path

