@@ -57,7 +57,7 @@ def sample_and_score(
     """Per sampler: seconds per ensemble (each image) and GED/CI against the raters, with the same weights."""
     import torch
 
-    from meddiff.ensembles import EnsembleSamplingInferer
+    from meddiff.inferers import EnsembleSamplingInferer
     from meddiff.metrics import ci_score, generalized_energy_distance
 
     network = bundle_network(BUNDLE, bundle_root, settings)
@@ -159,7 +159,7 @@ def seed_size_timing(num_samples: int, img_size: int) -> dict:
     """Seconds for one ensemble with the seed-size network: fast path DDIM 10 in full, fp32 per step."""
     import torch
 
-    from meddiff.ensembles import EnsembleSamplingInferer
+    from meddiff.inferers import EnsembleSamplingInferer
 
     network = bundle_network(BUNDLE, None, {"img_size": img_size})
     image = torch.rand(1, 1, img_size, img_size) * 2 - 1

@@ -70,7 +70,7 @@ def sample_rows(network, cases: list, samplers: list, num_samples: int, seed_off
     """Per sampler: the mean scores over the test crops and seconds per ensemble, with the same weights."""
     import torch
 
-    from meddiff.ensembles import EnsembleSamplingInferer
+    from meddiff.inferers import EnsembleSamplingInferer
 
     rows = []
     for sampler, steps in samplers:

@@ -11,7 +11,7 @@ no clipping) the study measures the samplers alone, with no network error:
   sampler here outputs a Gaussian, so W2 = sqrt((mean - mu)^2 + (std - s)^2) is the Wasserstein-2 distance to the
   data distribution (up to sampling error). For DDPM the exact moments of the fixed-small chain are listed too.
 
-Results go to bench/results/samplers_exact.json; a markdown table is printed.
+Results go to bench/results/samplers_exact.json and a table in bench/README.md.
 
 Usage:
     python bench/samplers_exact.py                  # about half a minute on one core
@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow-samples", type=int, default=4096, help="x_T values for the deterministic samplers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "samplers_exact.json"), help="result JSON")
+    ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(REPO / "shared"))
     import torch
-    from common import machine_info
+    from common import machine_info, update_readme_block
 
     from meddiff.io import save_json
 
@@ -182,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     save_json(result, out, overwrite=True)
     print(result["markdown"])
     print(f"\nwrote {out}")
+    if not args.no_readme:
+        update_readme_block(
+            "<!-- samplers_exact:tables:begin -->",
+            "<!-- samplers_exact:tables:end -->",
+            "Samplers against exact answers (Gaussian data): `bench/samplers_exact.py`",
+            result["markdown"],
+        )
     return 0
 
 

@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from test_lidc_workflow import BUNDLE, CONFIGS, REAL_CROPS, TINY, run_bundle
 
 from meddiff.data.lidc import load_lidc_cases
-from meddiff.ensembles import EnsembleSamplingInferer
+from meddiff.inferers import EnsembleSamplingInferer
 from meddiff.metrics import generalized_energy_distance
 
 # Stated tolerance: on the same weights, images and seeds, the bf16 + channels_last ensemble's mean GED may differ

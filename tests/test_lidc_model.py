@@ -17,7 +17,8 @@ from PIL import Image
 from meddiff.cimd import CIMDLoss, CIMDTrainingInferer
 from meddiff.dicom import read_series
 from meddiff.engines import CIMDPrepareBatch
-from meddiff.ensembles import DicomNoduleEnsembles, EnsembleSamplingInferer
+from meddiff.ensembles import DicomNoduleEnsembles
+from meddiff.inferers import EnsembleSamplingInferer
 from meddiff.io import OutputExistsError
 from meddiff.networks import AxisAlignedConvGaussian, CIMDNetwork
 from meddiff.schedulers import DDPMScheduler

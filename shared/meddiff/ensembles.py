@@ -1,6 +1,6 @@
 """Segmentation ensembles: N masks per image from a CIMD diffusion model, their writers and scores.
 
-- `EnsembleSamplingInferer`: ``inferer(image, network)`` runs all N members batched along the batch dimension
+- `meddiff.inferers.EnsembleSamplingInferer` (imported here): ``inferer(image, network)`` runs all N members batched
   (one stochastic reverse process each), so MONAI Label's bundle loader can drive it.
 - `EnsembleSegmentation`: every case of a split in the seed's layout -> N binary masks, the frequency map and
   the majority mask as PNG, plus a grid.
@@ -31,11 +31,10 @@ from meddiff.data.lidc import (
 )
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.errors import OptionError
-from meddiff.inferers import SamplingInferer
+from meddiff.inferers import EnsembleSamplingInferer
 from meddiff.io import StagedOutput, atomic_write, check_new_output, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
 from meddiff.options import check, parse
-from meddiff.sampling import sample
 from meddiff.visualize import save_grid, to_rgb_tile
 
 __all__ = [
@@ -49,65 +48,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST = "ensembles.json"
-OUTPUTS = ("samples", "frequency", "majority")
-
-
-class EnsembleSamplingInferer(SamplingInferer):
-    """Sample `num_samples` masks per input image with a `meddiff.networks.CIMDNetwork`.
-
-    `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets its own noise (and, for the cVAE
-    design only, its own z ~ p(z | image_b) drawn once); all B * N members run as one batch through
-    `meddiff.sampling.sample`. The members differ through the stochastic reverse process: use a stochastic sampler
-    (``ddpm``, ancestral and respaced when `num_inference_steps` < `num_train_timesteps`, or ``dpmpp_2m_sde``);
-    deterministic ``ddim`` and ``dpmpp_2m`` map each x_T to one mask and remove most of the ensemble's diversity.
-    Each x_0 is thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
-    ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
-    ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
-    ``seed`` and ``output`` can be overridden per call as keyword arguments.
-
-    Args:
-        num_samples: members per ensemble (option ``--num_samples``, at least 2).
-        output: "frequency", "samples" or "majority" (see above).
-        threshold: members are ``x_0 > threshold``.
-        kwargs: the `meddiff.inferers.SamplingInferer` settings (sampler "ddpm" and 25 steps by default here).
-    """
-
-    def __init__(self, num_samples: int = 16, output: str = "frequency", threshold: float = 0.0, **kwargs: Any) -> None:
-        kwargs.setdefault("sampler", "ddpm")
-        kwargs.setdefault("num_inference_steps", 25)
-        super().__init__(**kwargs)
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
-        self.num_samples, self.output, self.threshold = parse("num_samples", num_samples), output, threshold
-
-    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
-        output = kwargs.get("output", self.output)
-        samples = self.sample_ensemble(inputs, network, scheduler, generator).float()
-        if output == "samples":
-            return samples
-        frequency = samples.mean(dim=1, keepdim=True)
-        return frequency if output == "frequency" else (frequency > 0.5).float()
-
-    def sample_ensemble(self, inputs, network, scheduler, generator) -> torch.Tensor:
-        """The binary members (B, N, H, W) of every image's ensemble (network prepared by `__call__`)."""
-        dtype, batch, n = next(network.parameters()).dtype, inputs.shape[0], self.num_samples
-        image = inputs.float().to(dtype)
-        latent = network.sample_prior(image, generator, num_samples=n) if network.injects_latent else None
-        image = image.repeat_interleave(n, dim=0)
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return network.denoise(x.to(dtype), t, image, latent)
-
-        masks = sample(
-            denoise,
-            scheduler,
-            (batch * n, network.mask_channels, *inputs.shape[2:]),
-            device=inputs.device,
-            generator=generator,
-            progress=self.progress,
-            desc=f"{self.sampler} x{n}",
-        )
-        return (masks[:, 0] > self.threshold).view(batch, n, *inputs.shape[2:])
 
 
 def _write_ensemble(samples: np.ndarray, folder: Path, place: Callable[[Path], Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ of the network, the seeded generator, ``no_grad``); its subclasses only say what
 - `InpaintingSamplingInferer`: an image whose masked pixels are generated (RePaint jumps, or a partially noised
   start);
 - `LatentSamplingInferer`: latents decoded by an autoencoder, with optional classifier-gradient guidance;
-- `meddiff.ensembles.EnsembleSamplingInferer`: N CIMD segmentations per image.
+- `EnsembleSamplingInferer`: N CIMD segmentations per image (`meddiff.networks.CIMDNetwork`).
 
 Their ``__call__(inputs, network)`` runs all of the sampling, so MONAI's `SupervisedEvaluator` and MONAI Label's
 bundle loader drive them like any segmentation inferer; ``seed`` can be given per call as a keyword.
@@ -40,10 +40,14 @@ from meddiff.schedulers import GridScheduler, make_scheduler
 __all__ = [
     "ConditionedSamplingInferer",
     "DiffusionTrainingInferer",
+    "EnsembleSamplingInferer",
     "InpaintingSamplingInferer",
     "LatentSamplingInferer",
     "SamplingInferer",
 ]
+
+
+ENSEMBLE_OUTPUTS = ("samples", "frequency", "majority")
 
 
 def _conditioning(conditioning: Conditioning | str, channels_last: bool = False) -> Conditioning:
@@ -299,3 +303,61 @@ class LatentSamplingInferer(SamplingInferer):
             finish=self.decoder,
             progress=self.progress,
         )
+
+
+class EnsembleSamplingInferer(SamplingInferer):
+    """Sample `num_samples` masks per input image with a `meddiff.networks.CIMDNetwork`.
+
+    `inputs` is the image batch (B, 1, H, W) in [-1, 1]. Member m of image b gets its own noise (and, for the cVAE
+    design only, its own z ~ p(z | image_b) drawn once); all B * N members run as one batch through
+    `meddiff.sampling.sample`. The members differ through the stochastic reverse process: use a stochastic sampler
+    (``ddpm``, ancestral and respaced when `num_inference_steps` < `num_train_timesteps`, or ``dpmpp_2m_sde``);
+    deterministic ``ddim`` and ``dpmpp_2m`` map each x_T to one mask and remove most of the ensemble's diversity.
+    Each x_0 is thresholded at `threshold` (0, the middle of the [-1, 1] mask range). Returns, by `output`:
+    ``"frequency"`` (B, 1, H, W) fraction of members marking each pixel (the default: what MONAI Label shows);
+    ``"samples"`` (B, N, H, W) the binary members; ``"majority"`` (B, 1, H, W) frequency > 0.5.
+    ``seed`` and ``output`` can be overridden per call as keyword arguments.
+
+    Args:
+        num_samples: members per ensemble (option ``--num_samples``, at least 2).
+        output: "frequency", "samples" or "majority" (see above).
+        threshold: members are ``x_0 > threshold``.
+        kwargs: the `meddiff.inferers.SamplingInferer` settings (sampler "ddpm" and 25 steps by default here).
+    """
+
+    def __init__(self, num_samples: int = 16, output: str = "frequency", threshold: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("sampler", "ddpm")
+        kwargs.setdefault("num_inference_steps", 25)
+        super().__init__(**kwargs)
+        if output not in ENSEMBLE_OUTPUTS:
+            raise ValueError(f"output must be one of {ENSEMBLE_OUTPUTS}, got {output!r}.")
+        self.num_samples, self.output, self.threshold = parse("num_samples", num_samples), output, threshold
+
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+        output = kwargs.get("output", self.output)
+        samples = self.sample_ensemble(inputs, network, scheduler, generator).float()
+        if output == "samples":
+            return samples
+        frequency = samples.mean(dim=1, keepdim=True)
+        return frequency if output == "frequency" else (frequency > 0.5).float()
+
+    def sample_ensemble(self, inputs, network, scheduler, generator) -> torch.Tensor:
+        """The binary members (B, N, H, W) of every image's ensemble (network prepared by `__call__`)."""
+        dtype, batch, n = next(network.parameters()).dtype, inputs.shape[0], self.num_samples
+        image = inputs.float().to(dtype)
+        latent = network.sample_prior(image, generator, num_samples=n) if network.injects_latent else None
+        image = image.repeat_interleave(n, dim=0)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return network.denoise(x.to(dtype), t, image, latent)
+
+        masks = sample(
+            denoise,
+            scheduler,
+            (batch * n, network.mask_channels, *inputs.shape[2:]),
+            device=inputs.device,
+            generator=generator,
+            progress=self.progress,
+            desc=f"{self.sampler} x{n}",
+        )
+        return (masks[:, 0] > self.threshold).view(batch, n, *inputs.shape[2:])
