@@ -166,6 +166,14 @@ def test_demo_refuses_unknown_setting_with_suggestion(tmp_path: Path) -> None:
     assert_one_line_error(proc, "--num_clases is not a setting", "--num_classes")
 
 
+def test_demo_refuses_a_bad_inference_setting_before_training(tmp_path: Path) -> None:
+    """--sampler is read by inference only; the demo checks it before it trains (and writes nothing)."""
+    proc = cli(["-m", "meddiff", "demo", "--bundle", "lidc_ambiguous_segmentation", "--sampler", "euler",
+                "--output_dir", str(tmp_path / "out")], tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "--sampler", "dpmpp_2m")
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_settings_reads_json_values() -> None:
     assert parse_settings(["--num_classes", "7", "--ablated_classes=[2]", "--sampler", "ddpm", "--x", "false"]) == {
         "num_classes": 7,

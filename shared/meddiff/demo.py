@@ -17,7 +17,7 @@ from typing import Any
 from meddiff.data.errors import DataError
 from meddiff.errors import OptionError, UserError
 from meddiff.io import OutputExistsError, check_writable, make_staging_dir
-from meddiff.options import parse
+from meddiff.options import RULES, parse, parse_all
 
 __all__ = ["DEMO_BUNDLES", "DEMO_OWNED_SETTINGS", "bundles_dir", "check_not_demo_owned", "run_bundle", "run_demo"]
 
@@ -132,6 +132,7 @@ def run_demo(
     if not demo_file.is_file():
         raise OptionError(f"bundle {bundle!r} has no demo ({demo_file} missing); choose one of {list(DEMO_BUNDLES)}.")
     check_not_demo_owned(overrides)
+    parse_all(**{name: value for name, value in overrides.items() if name in RULES})  # before any training
     if dataset_dir is not None and not Path(dataset_dir).is_dir():
         raise DataError(f"dataset_dir {dataset_dir} does not exist or is not a folder: pass the dataset's folder.")
     out = Path(output_dir) / bundle
