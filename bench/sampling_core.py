@@ -98,7 +98,7 @@ def overhead(quick: bool) -> list[dict]:
     rows.append(overhead_row(f"RePaint {size}px (jump 2 x 3)",
                              lambda: inpaint(known, _Uncond(unet)), timed_unet, steps))  # fmt: skip
     lidc_size = 32 if quick else 64
-    lidc = bundle_network(BUNDLES / "lidc_ambiguous_segmentation" / "configs", None, _lidc_network(quick, lidc_size))
+    lidc = bundle_network(BUNDLES / "lidc_ambiguous_segmentation" / "configs", None, _lidc_network(lidc_size))
     timed_lidc = ForwardTimer(lidc.denoiser)
     ensemble = EnsembleSamplingInferer(num_samples=16, sampler="ddpm", num_inference_steps=steps, seed=0)
     image = torch.rand(1, 1, lidc_size, lidc_size) * 2 - 1
@@ -125,7 +125,7 @@ class _Uncond:
         return self.network(torch.cat([x, torch.zeros_like(x)], 1), timesteps=timesteps)
 
 
-def _lidc_network(quick: bool, size: int) -> dict:
+def _lidc_network(size: int) -> dict:
     from lidc_learning import NETWORK
 
     return {**NETWORK, "img_size": size}

@@ -199,7 +199,7 @@ class ConditionedSamplingInferer(SamplingInferer):
     def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
         condition = inputs.to(next(network.parameters()).dtype) if inputs.is_floating_point() else inputs
         denoiser = classifier_free(network, self.conditioning, condition, self.guidance_scale, self.eps_channels)
-        shape = (inputs.shape[0], self.out_channels, *kwargs.get("spatial_size", inputs.shape[2:]))
+        shape = (inputs.shape[0], self.out_channels, *inputs.shape[2:])
         images = sample(denoiser, scheduler, shape, generator=generator, device=inputs.device, progress=self.progress)
         return images.clamp(-1.0, 1.0)
 
