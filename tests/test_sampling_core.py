@@ -223,6 +223,23 @@ def test_repaint_keeps_known_pixels_and_samples_the_conditional() -> None:
     assert errors["replacement"] > 4 * errors["repaint"], errors
 
 
+def test_known_region_merge_draws_from_q_of_the_known_image() -> None:
+    """After a move to t_next the known pixels are q(x_t_next | x_0) draws (fresh noise); at the end, x_0 itself."""
+    scheduler = make_scheduler("ddpm", 50)
+    known, mask = torch.full((20000, 1, 1, 2), 0.6), torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    merge = KnownRegionMerge(known, mask, scheduler)
+    x = torch.full_like(known, 9.0)
+    out = merge(x, 499, make_generator(0, "cpu"))
+    a = scheduler.alpha_bar(499)
+    assert abs(float(out[..., 0].mean()) - math.sqrt(a) * 0.6) < 0.02
+    assert abs(float(out[..., 0].std()) - math.sqrt(1 - a)) < 0.02
+    assert (out[..., 1] == 9.0).all()  # unknown pixels are the sampler's
+    assert not torch.equal(out[..., 0], merge(x, 499, make_generator(1, "cpu"))[..., 0])  # fresh noise per call
+    assert torch.equal(merge(x, -1, None)[..., 0], known[..., 0])
+    with pytest.raises(ValueError, match="only 0"):
+        KnownRegionMerge(known, torch.full_like(known, 0.5), scheduler)
+
+
 def test_noised_image_start_and_seeds() -> None:
     """skip_steps starts from the image noised to the plan's first remaining timestep; a seed fixes everything."""
     scheduler = make_scheduler("ddim", 20, clip_sample=False)
