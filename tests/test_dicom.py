@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_helpers import load_data_prep, write_series
+from dicom_helpers import dcentvfy_errors, dciodvfy_errors, dciodvfy_report, load_data_prep, write_series
 
 from meddiff.dicom import (
     DicomSeriesError,
@@ -24,8 +24,11 @@ from meddiff.dicom import (
     sorted_source_datasets,
     write_like,
     write_seg,
+    write_synthetic_series,
 )
+from meddiff.errors import UserError
 from meddiff.io import OutputExistsError
+from meddiff.provenance import make_provenance, read_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -140,6 +143,173 @@ def test_write_seg_round_trip(tmp_path):
             algorithm_version="1",
             series_description="s",
         )
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_test_series_and_seg_pass_dciodvfy(tmp_path, modality):
+    """The synthetic source series is a valid CT/MR series, and the SEG written for it conforms to the SEG IOD."""
+    source = tmp_path / "source"
+    write_series(source, _ramp(), modality=modality, intercept=-1024.0 if modality == "CT" else 0.0)
+    for path in sorted(source.iterdir()):
+        assert dciodvfy_errors(path) == [], path.name
+    nodule = np.zeros((4, 8, 8), dtype=bool)
+    nodule[1:3, 2:5, 3:6] = True
+    out = tmp_path / "seg.dcm"
+    write_seg(
+        {"nodule": nodule, "empty": np.zeros_like(nodule)},  # an empty segment is legal
+        source,
+        out,
+        algorithm_name="meddiff-test",
+        algorithm_version="0.1",
+        series_description="test seg",
+    )
+    errors, warnings = dciodvfy_report(out)
+    assert errors == [] and warnings == []
+    assert dcentvfy_errors([*sorted(source.iterdir()), out]) == []  # same patient, study, frame of reference
+
+
+@pytest.mark.skipif(not CT5N.is_dir(), reason="pydicom test files not installed")
+def test_seg_and_synthetic_series_of_a_real_ct_pass_dciodvfy(tmp_path):
+    """A scanner's series (pydicom's CT5N, GE LightSpeed; itself lacking Laterality) as the source."""
+    seg = write_seg(
+        {"all": np.ones((5, 16, 16), bool)},
+        CT5N,
+        tmp_path / "seg.dcm",
+        algorithm_name="meddiff-test",
+        algorithm_version="0.1",
+        series_description="test seg",
+    )
+    assert dciodvfy_errors(seg) == []
+    record = make_provenance("lidc_ddpm", "0.3.1", settings={"steps": 50}, seed=3)
+    slices = np.random.default_rng(0).uniform(-1, 1, (5, 16, 16)).astype(np.float32)
+    files = write_synthetic_series(slices, CT5N, tmp_path / "syn", provenance=record, output_range=(-1000.0, 400.0))
+    for path in files:
+        assert dciodvfy_errors(path) == [], path.name
+    assert pydicom.dcmread(files[0]).Laterality == ""  # unknown: the source names neither laterality nor body part
+    assert dcentvfy_errors([*sorted(CT5N.iterdir()), *files]) == []
+
+
+# ---------------------------------------------------------------- (b2) synthetic images as a DICOM series
+
+
+def _record(seed: int = 7) -> dict:
+    return make_provenance("duke_breast_ddpm", "1.2.0", settings={"steps": 50, "guidance": 1.5}, seed=seed)
+
+
+def test_write_synthetic_series_mr(tmp_path):
+    source = tmp_path / "mr"
+    write_series(source, _ramp(), modality="MR", intercept=0.0, description="ax dyn pre")
+    sources = sorted_source_datasets(source)
+    record = _record()
+    slices = np.linspace(-1.2, 1.2, 4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)  # ends clipped to (-1, 1)
+    files = write_synthetic_series(slices, source, tmp_path / "syn", provenance=record)
+    assert [f.name for f in files] == ["IM0001.dcm", "IM0002.dcm", "IM0003.dcm", "IM0004.dcm"]
+    series_uids = set()
+    for path, src in zip(files, sources, strict=True):
+        errors, warnings = dciodvfy_report(path)
+        assert errors == [], path.name
+        assert all("Unrecognized tag" in w for w in warnings)  # only the private provenance element
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and ds.Modality == "MR"
+        assert ds.SyntheticData == "YES" and ds.BurnedInAnnotation == "NO"
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
+        assert list(ds.ImagePositionPatient) == list(src.ImagePositionPatient)
+        assert list(ds.PixelSpacing) == list(src.PixelSpacing)
+        for text in (ds.DerivationDescription, ds.ImageComments):
+            assert "SYNTHETIC" in text and "duke_breast_ddpm" in text and "1.2.0" in text and "seed 7" in text
+        equipment = ds.ContributingEquipmentSequence[0]
+        assert equipment.Manufacturer == "meddiff" and equipment.ManufacturerModelName == "duke_breast_ddpm"
+        assert ds.Manufacturer == "meddiff" and "meddiff 0.1.0" in list(ds.SoftwareVersions)
+        assert ds.ScanningSequence == "RM" and "RepetitionTime" in ds and "RescaleSlope" not in ds
+        assert read_provenance(path) == record
+        series_uids.add(ds.SeriesInstanceUID)
+    assert len(series_uids) == 1
+    assert dcentvfy_errors([*sorted(source.iterdir()), *files]) == []
+
+    image, reference = read_series(tmp_path / "syn"), read_series(source)
+    assert image.GetSize() == reference.GetSize()
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin()) and np.allclose(image.GetSpacing(), (0.7, 0.8, 2))
+    expected = np.round((np.clip(slices.astype(np.float64), -1, 1) + 1) / 2 * 4095)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+
+def test_write_synthetic_series_ct_rescale_and_subset(tmp_path):
+    source = tmp_path / "ct"
+    write_series(source, _ramp())
+    sources = sorted_source_datasets(source)
+    slices = np.array([[[0, 255]], [[128, 64]]], dtype=np.uint8).repeat(8, axis=1).repeat(4, axis=2)  # (2, 8, 8)
+    records = [_record(seed=1), _record(seed=2)]
+    files = write_synthetic_series(
+        slices, source, tmp_path / "syn", provenance=records, slice_indices=[3, 1], output_range=(-1000.0, 530.0)
+    )
+    first, second = (pydicom.dcmread(f) for f in files)
+    for path in files:
+        assert dciodvfy_errors(path) == [], path.name
+    # instance numbers follow slice position: the slice drawn on source slice 1 comes first
+    assert list(first.ImagePositionPatient) == list(sources[1].ImagePositionPatient) and first.InstanceNumber == 1
+    assert list(second.ImagePositionPatient) == list(sources[3].ImagePositionPatient)
+    assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and first.RescaleType == "HU"
+    np.testing.assert_allclose(
+        first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept),
+        (slices[1] / 255.0 * 1530.0 - 1000.0),
+        atol=1e-3,
+    )
+    assert read_provenance(files[0])["seed"] == 2 and read_provenance(files[1])["seed"] == 1
+    assert "Laterality" not in first  # the source's body part (CHEST) is unpaired
+
+
+def test_write_synthetic_series_in_a_staged_output(tmp_path):
+    """Inside a `StagedOutput`, the series folder is one target: staged with the run, moved into place at the end."""
+    from meddiff.io import StagedOutput
+
+    source = tmp_path / "mr"
+    write_series(source, _ramp(), modality="MR", intercept=0.0)
+    out = tmp_path / "out"
+    target = out / "case_1" / "synthetic_dicom"
+    with StagedOutput(out, [target], [source]) as stage:
+        staged = stage.path(target)
+        files = write_synthetic_series(np.zeros((4, 8, 8), np.float32), source, staged, provenance=_record())
+        assert all(f.parent == staged for f in files) and not target.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["IM0001.dcm", "IM0002.dcm", "IM0003.dcm", "IM0004.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_1"]
+    with pytest.raises(UserError, match="synthetic_dicom"):  # a second run is refused before any work
+        StagedOutput(out, [target], [source])
+
+
+def test_write_synthetic_series_refusals(tmp_path):
+    source = tmp_path / "ct"
+    write_series(source, _ramp())
+    slices = np.zeros((4, 8, 8), np.float32)
+    record = _record()
+    write_synthetic_series(slices, source, tmp_path / "syn", provenance=record, output_range=(-1000, 400))
+    with pytest.raises(OutputExistsError, match="syn already exists") as err:
+        write_synthetic_series(slices, source, tmp_path / "syn", provenance=record, output_range=(-1000, 400))
+    assert "\n" not in str(err.value) and "new folder" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "syn"]  # no staging folder left behind
+    with pytest.raises(ValueError, match="output_range"):
+        write_synthetic_series(slices, source, tmp_path / "a", provenance=record)
+    with pytest.raises(ValueError, match="resample"):
+        write_synthetic_series(slices[:, :4], source, tmp_path / "a", provenance=record, output_range=(0, 1))
+    with pytest.raises(ValueError, match="slice_indices"):
+        write_synthetic_series(slices[:2], source, tmp_path / "a", provenance=record, output_range=(0, 1))
+    with pytest.raises(ValueError, match="distinct"):
+        write_synthetic_series(
+            slices[:2], source, tmp_path / "a", provenance=record, slice_indices=[1, 1], output_range=(0, 1)
+        )
+    with pytest.raises(ValueError, match="NaN"):
+        write_synthetic_series(slices + np.nan, source, tmp_path / "a", provenance=record, output_range=(0, 1))
+    with pytest.raises(ValueError, match="int16"):
+        write_synthetic_series(slices.astype(np.int16), source, tmp_path / "a", provenance=record, output_range=(0, 1))
+    with pytest.raises(ValueError, match="make_provenance"):
+        write_synthetic_series(slices, source, tmp_path / "a", provenance={"seed": 1}, output_range=(0, 1))
+    mr = tmp_path / "mr"
+    write_series(mr, _ramp(), modality="MR", intercept=0.0)
+    with pytest.raises(ValueError, match="no rescale"):
+        write_synthetic_series(slices, mr, tmp_path / "a", provenance=record, output_range=(0, 1))
+    assert not (tmp_path / "a").exists()
 
 
 # ---------------------------------------------------------------- (c) labels on the image grid

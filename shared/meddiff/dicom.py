@@ -15,15 +15,30 @@ Reading rules (`read_series`, `read_volume`):
 - volume files are checked before reading (declared size against the file, a cap on voxels, see
   `meddiff.data.readers`); NIfTI voxels are read with nibabel, which keeps NaN and refuses truncated data where ITK
   would read NaN as 0 and fill a truncated file with zeros.
+
+Writing rules (`write_seg`, `write_synthetic_series`, `write_like`):
+- every file is written atomically and never replaces an existing one unless asked; a synthetic series is written
+  into a staging folder beside its output folder and renamed into place when complete (an existing output folder
+  is refused);
+- every DICOM file passes David Clunie's ``dciodvfy`` (dicom3tools) without errors (tests/test_dicom.py checks it):
+  SEG through highdicom; synthetic images as CT or MR Image instances (the source's modality) of the source's
+  study and frame of reference, marked synthetic (Synthetic Data YES, Image Type DERIVED\\SECONDARY, Contributing
+  Equipment "meddiff") with their provenance (`meddiff.provenance`) in standard and one private attribute;
+- volumes written with a provenance record carry it in the file (a NIfTI header extension, an NRRD/MetaImage
+  header field).
 """
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -61,6 +76,7 @@ __all__ = [
     "vector_label_to_labelmap",
     "write_like",
     "write_seg",
+    "write_synthetic_series",
 ]
 
 VOLUME_EXTENSIONS = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
@@ -424,8 +440,342 @@ def write_seg(
     return atomic_write(output_path, lambda tmp: pydicom.dcmwrite(tmp, seg, enforce_file_format=True), overwrite=False)
 
 
-def write_like(array: np.ndarray, reference: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a (Z,Y,X) array as NIfTI/NRRD/MHA (by extension) with `reference`'s geometry, atomically."""
+# ---------------------------------------------------------------- synthetic images as a DICOM series
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+_SYNTHETIC_SOP_CLASSES = {"CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}
+_FLOAT_STORED_MAX = 4095  # float slices are stored as 0..4095 (12 bits)
+# copied from the source series when present (Patient, Clinical Trial, General Study, Patient Study modules; the
+# General Series and Frame of Reference attributes that describe the patient and the geometry, not the acquisition)
+_COPIED = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "AdditionalPatientHistory",
+    "SmokingStatus",
+    "PregnancyStatus",
+    "Laterality",
+    "PatientPosition",
+    "BodyPartExamined",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+)
+# Type 2 attributes of the modules above: written empty when the source lacks them
+_EMPTY_IF_MISSING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "PatientPosition",
+    "PositionReferenceIndicator",
+)
+_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation")
+
+
+def _text(value: object, limit: int) -> str:
+    """A value for a DICOM short string (LO/SH): no backslash (the value separator), no control characters."""
+    clean = "".join(c if c.isprintable() and c != "\\" else " " for c in str(value))
+    return clean.strip()[:limit]
+
+
+def _synthetic_pixels(
+    slices: np.ndarray | Sequence[np.ndarray], value_range: tuple[float, float]
+) -> tuple[np.ndarray, int]:
+    """The stored uint16 pixels (N,Y,X) of the slices and the stored value their input range's top maps to."""
+    array = np.stack([np.asarray(s) for s in slices]) if not isinstance(slices, np.ndarray) else slices
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"synthetic slices have shape {array.shape}: pass (N, Y, X) or (N, 1, Y, X) slices.")
+    if array.dtype == np.uint8 or array.dtype == np.uint16:
+        return array.astype(np.uint16), int(np.iinfo(array.dtype).max)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"synthetic slices are {array.dtype}: pass floats in value_range {tuple(value_range)}, or uint8/uint16."
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError("synthetic slices hold NaN or infinite values: they cannot be written as DICOM.")
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ValueError(f"value_range {tuple(value_range)} is empty: pass (low, high) with low < high.")
+    scaled = np.clip((array.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    return np.round(scaled * _FLOAT_STORED_MAX).astype(np.uint16), _FLOAT_STORED_MAX
+
+
+def _dicom_now(when: dt.datetime, offset: str | None) -> tuple[str, str, str]:
+    """(DA, TM, DT) of `when` in the source's timezone offset ("+HHMM"), or in UTC when it has none."""
+    zone = dt.timezone.utc
+    if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+        minutes = int(offset[1:3]) * 60 + int(offset[3:])
+        zone = dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes))
+    local = when.astimezone(zone)
+    suffix = local.strftime("%z") or "+0000"
+    return local.strftime("%Y%m%d"), local.strftime("%H%M%S"), local.strftime("%Y%m%d%H%M%S") + suffix
+
+
+def _code_item(code: Code) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def write_synthetic_series(
+    slices: np.ndarray | Sequence[np.ndarray],
+    source_folder: str | os.PathLike,
+    output_folder: str | os.PathLike,
+    *,
+    provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    slice_indices: Sequence[int] | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    output_range: tuple[float, float] | None = None,
+    series_description: str | None = None,
+    series_number: int = 901,
+    source_series_uid: str | None = None,
+) -> list[Path]:
+    """Write generated slices as a new CT or MR series of the source's study, one file per slice; never overwrites.
+
+    The images are marked synthetic (Synthetic Data YES, Image Type DERIVED\\SECONDARY, Derivation Description and
+    Image Comments naming model, version, weights and seed, Contributing Equipment "meddiff", Burned In Annotation
+    NO) and carry the whole provenance record in a private element (see `meddiff.provenance`). Each slice takes the
+    geometry (position, orientation, spacing, frame of reference) of its source slice, and the patient and study of
+    the source; the Series and SOP Instance UIDs are new. Acquisition attributes the generator did not use are
+    written empty (MR: Scanning Sequence RM, research mode; Sequence Variant NONE).
+
+    Args:
+        slices: (N, Y, X) or (N, 1, Y, X) slices on the source grid: floats in `value_range` (clipped; stored as
+            0..4095), or uint8 / uint16 (stored unchanged).
+        source_folder: the folder of the source series (the series the masks were drawn on); CT or MR.
+        output_folder: a new folder for the series (refused if it exists); files ``IM0001.dcm``... in ascending
+            slice position, written in a staging folder beside it that is renamed into place when complete.
+        provenance: one record (`meddiff.provenance.make_provenance`) for every slice, or one per slice.
+        slice_indices: for each slice, its source slice (index into `sorted_source_datasets`); default: all source
+            slices in order (N must then equal the source's slice count).
+        value_range: (low, high) of float slices.
+        output_range: CT only, required there: the Hounsfield units the ends of the input range stand for (the
+            model's HU window; for uint8/uint16 slices the ends are 0 and the dtype's maximum). Written as Rescale
+            Slope/Intercept. MR images carry no rescale: leave it None.
+        series_description: default ``SYNTHETIC <model> <version>``.
+        series_number: the new series' number.
+        source_series_uid: the source series, when `source_folder` holds several.
+    """
+    from meddiff import __version__
+    from meddiff.io import OutputExistsError, make_staging_dir
+    from meddiff.provenance import (
+        DICOM_PRIVATE_CREATOR,
+        DICOM_PRIVATE_ELEMENT,
+        DICOM_PRIVATE_GROUP,
+        check_provenance,
+        provenance_json,
+        provenance_summary,
+    )
+
+    output_folder = Path(output_folder)
+    if output_folder.exists():
+        raise OutputExistsError(
+            f"output folder {output_folder} already exists: write the synthetic series into a new folder (choose "
+            "another one, or move this one away)."
+        )
+    datasets = sorted_source_datasets(source_folder, source_series_uid)
+    modality = str(datasets[0].get("Modality", ""))
+    if modality not in _SYNTHETIC_SOP_CLASSES:
+        raise DicomSeriesError(
+            f"the source series in {source_folder} has modality '{modality}'; synthetic series are written as CT or "
+            "MR images: pass the CT or MR series the masks were drawn on."
+        )
+    if modality == "CT" and output_range is None:
+        raise ValueError(
+            "synthetic CT needs output_range=(low, high): the Hounsfield units the ends of the input range stand for "
+            "(the model's HU window)."
+        )
+    if modality == "MR" and output_range is not None:
+        raise ValueError("synthetic MR images carry no rescale: leave output_range None.")
+    pixels, stored_max = _synthetic_pixels(slices, value_range)
+    count = len(pixels)
+    indices = list(range(len(datasets))) if slice_indices is None else [int(i) for i in slice_indices]
+    if len(indices) != count:
+        raise ValueError(
+            f"{count} synthetic slices for {len(indices)} source slices of {source_folder}: pass one slice per source "
+            "slice, or slice_indices naming the source slice of each."
+        )
+    if any(not 0 <= i < len(datasets) for i in indices) or len(set(indices)) != count:
+        raise ValueError(
+            f"slice_indices {indices} must be distinct indices into the {len(datasets)} slices of {source_folder} "
+            "(write several samples of one slice as separate series)."
+        )
+    for k, i in enumerate(indices):
+        expected = (int(datasets[i].Rows), int(datasets[i].Columns))
+        if pixels.shape[1:] != expected:
+            raise ValueError(
+                f"synthetic slice {k} is {pixels.shape[1:]} but its source slice in {source_folder} is {expected} "
+                "(rows, columns): resample the slices to the source grid first."
+            )
+    records = [provenance] * count if isinstance(provenance, Mapping) else list(provenance)
+    if len(records) != count:
+        raise ValueError(f"{len(records)} provenance records for {count} slices: pass one record, or one per slice.")
+    records = [check_provenance(r, f"provenance of synthetic slice {k}") for k, r in enumerate(records)]
+
+    if output_range is not None:
+        slope = (float(output_range[1]) - float(output_range[0])) / stored_max
+        intercept = float(output_range[0])
+    else:
+        slope, intercept = 1.0, 0.0
+    if stored_max == _FLOAT_STORED_MAX or pixels.size == 0:
+        window = (intercept, intercept + slope * stored_max)
+    else:  # integer slices: the window spans the data
+        window = (intercept + slope * float(pixels.min()), intercept + slope * float(pixels.max()))
+    width = max(window[1] - window[0], 1.0)
+    first = records[0]
+    offset = str(datasets[0].get("TimezoneOffsetFromUTC", "")) or None
+    now = _dicom_now(dt.datetime.now(dt.timezone.utc), offset)
+    series_uid = pydicom.uid.generate_uid()
+    description = series_description or f"SYNTHETIC {first['model']} {first['model_version']}"
+    order = sorted(range(count), key=lambda k: indices[k])  # instance numbers follow slice position
+    width_digits = max(4, len(str(count)))
+    names = [f"IM{n + 1:0{width_digits}d}.dcm" for n in range(count)]
+
+    def dataset(number: int, k: int) -> pydicom.Dataset:
+        source, record = datasets[indices[k]], records[k]
+        created = dt.datetime.fromisoformat(record["created_utc"].replace("Z", "+00:00"))
+        content = _dicom_now(created, offset)
+        summary = provenance_summary(record)
+        ds = pydicom.Dataset()
+        for keyword in _COPIED:
+            if keyword in source:
+                ds[keyword] = copy.deepcopy(source[keyword])
+            elif keyword in _EMPTY_IF_MISSING:
+                setattr(ds, keyword, "")
+        if offset:
+            ds.TimezoneOffsetFromUTC = offset
+        ds.SOPClassUID = _SYNTHETIC_SOP_CLASSES[modality]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceCreationDate, ds.InstanceCreationTime = now[0], now[1]
+        ds.SyntheticData = "YES"
+        equipment = pydicom.Dataset()
+        equipment.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.ProcessingEquipment)]
+        equipment.Manufacturer = "meddiff"
+        equipment.ManufacturerModelName = _text(record["model"], 64)
+        equipment.SoftwareVersions = [
+            _text(f"meddiff {__version__}", 64),
+            _text(f"{record['model']} {record['model_version']}", 64),
+        ]
+        equipment.ContributionDateTime = content[2]
+        equipment.ContributionDescription = summary[:1024]
+        ds.ContributingEquipmentSequence = [equipment]
+        # General Series, General Equipment
+        ds.Modality = modality
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, int(series_number)
+        ds.SeriesDate, ds.SeriesTime = now[0], now[1]
+        ds.SeriesDescription = _text(description, 64)
+        ds.Manufacturer = "meddiff"
+        ds.ManufacturerModelName = _text(record["model"], 64)
+        ds.SoftwareVersions = list(equipment.SoftwareVersions)
+        # General Image, Image Plane
+        ds.InstanceNumber = number
+        ds.ContentDate, ds.ContentTime = content[0], content[1]
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if modality == "CT" else "OTHER"]
+        ds.DerivationDescription = summary[:1024]
+        ds.ImageComments = summary
+        ds.BurnedInAnnotation = "NO"
+        for keyword in (*_GEOMETRY, "ImageLaterality"):
+            if keyword in source:
+                ds[keyword] = copy.deepcopy(source[keyword])
+        if not {"Laterality", "ImageLaterality", "BodyPartExamined"} & set(source.dir()):
+            ds.Laterality = ""  # unknown; the source names no body part that would tell whether it is paired
+        if modality == "MR" and "SpacingBetweenSlices" in source:
+            ds.SpacingBetweenSlices = source.SpacingBetweenSlices
+        # Image Pixel, VOI LUT
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = pixels.shape[1:]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12 if stored_max == _FLOAT_STORED_MAX else 16
+        ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+        ds.WindowCenter = f"{(window[0] + window[1]) / 2:.6g}"
+        ds.WindowWidth = f"{width:.6g}"
+        ds.WindowCenterWidthExplanation = "FULL RANGE"
+        # CT Image / MR Image: what the generator did not use is empty
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = f"{intercept:.8g}", f"{slope:.8g}", "HU"
+            ds.KVP, ds.AcquisitionNumber = "", ""
+        else:
+            ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
+            ds.ScanOptions, ds.MRAcquisitionType = "", ""
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "", "", ""
+        ds.PixelData = pixels[k].astype("<u2").tobytes()
+        block = ds.private_block(DICOM_PRIVATE_GROUP, DICOM_PRIVATE_CREATOR, create=True)
+        block.add_new(DICOM_PRIVATE_ELEMENT, "UT", provenance_json(record))
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        return ds
+
+    output_folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(output_folder.parent, "meddiff-dicom")
+    try:
+        for number, k in enumerate(order, start=1):
+            pydicom.dcmwrite(staging / names[number - 1], dataset(number, k), enforce_file_format=True)
+        if output_folder.exists():  # made while we wrote
+            raise OutputExistsError(
+                f"output folder {output_folder} was created while the synthetic series was written: choose another "
+                "folder, or move it away."
+            )
+        os.rename(staging, output_folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [output_folder / name for name in names]
+
+
+def write_like(
+    array: np.ndarray,
+    reference: sitk.Image,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a (Z,Y,X) array as NIfTI/NRRD/MHA (by extension) with `reference`'s geometry, atomically.
+
+    A `provenance` record (`meddiff.provenance.make_provenance`) goes into the file: a NIfTI header extension, or an
+    NRRD/MetaImage header field (see `meddiff.provenance`).
+    """
     path = Path(path)
     if not path.name.lower().endswith(WRITE_EXTENSIONS):
         raise ValueError(f"Cannot write {path}: use one of {', '.join(WRITE_EXTENSIONS)}.")
@@ -437,4 +787,17 @@ def write_like(array: np.ndarray, reference: sitk.Image, path: str | os.PathLike
         raise ValueError(f"array for {path} has shape {array.shape}, the reference image is {expected} (Z,Y,X).")
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
+    if provenance is None:
+        return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), overwrite)
+    from meddiff.provenance import ITK_KEY, embed_nifti_provenance, provenance_json
+
+    text = provenance_json(provenance)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+
+        def write(tmp: str) -> None:
+            sitk.WriteImage(image, tmp, True)
+            embed_nifti_provenance(tmp, provenance)
+
+        return atomic_write(path, write, overwrite)
+    image.SetMetaData(ITK_KEY, text)
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), overwrite)
