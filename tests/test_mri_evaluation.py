@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import MRI, inference_parser, parsed, run_inference
 from PIL import Image
 
 from meddiff.data import DataError, load_slices
 from meddiff.errors import OptionError, UserError
 from meddiff.evaluation import evaluate_mask_conditioned_generation
-from meddiff.generation import RECORD_NAME, MaskConditionedGeneration
+from meddiff.generation import DIVERSITY_SEED_OFFSET, RECORD_NAME
 from meddiff.metrics import ms_ssim_config
 
 NUM_CLASSES, SIZE = 4, 16
@@ -83,11 +84,15 @@ def png_masks(folder: Path) -> Path:
     return folder
 
 
-def generate(output_dir: Path, inferer: PaintingInferer | None = None, **settings) -> None:
-    defaults = {"num_classes": NUM_CLASSES, "img_size": SIZE, "batch_size": 4, "progress": False}
-    MaskConditionedGeneration(
-        NET, inferer or PaintingInferer(), output_dir=str(output_dir), **defaults, **settings
-    ).run()
+def generation_settings(output_dir: Path, **settings) -> dict:
+    """The MRI inference config's overrides of these tests."""
+    return {"num_classes": NUM_CLASSES, "img_size": SIZE, "batch_size": 4, "output_dir": str(output_dir), **settings}
+
+
+def generate(output_dir: Path, inferer: PaintingInferer | None = None, **settings) -> dict:
+    """Run the MRI bundle's inference config with the painting stand-in; the writer's result."""
+    objects = {"inferer": inferer or PaintingInferer(), "network": NET}
+    return run_inference(MRI, output_dir.parent / "bundle", objects, **generation_settings(output_dir, **settings))
 
 
 def record_of(output_dir: Path) -> dict:
@@ -146,10 +151,13 @@ def test_faithfulness_reports_ablated_classes_apart(tmp_path: Path) -> None:
 def test_per_mask_diversity_uses_distinct_seeds_and_records_ms_ssim_settings(tmp_path: Path) -> None:
     masks = png_masks(tmp_path / "masks")
     inferer = PaintingInferer(noise=0.3)
-    generate(tmp_path / "generated", inferer, mask_dir=str(masks), diversity_masks=2, samples_per_mask=3)
+    settings = {"mask_dir": str(masks), "diversity_masks": 2, "samples_per_mask": 3, "batch_size": 2, "seed": 5}
+    generate(tmp_path / "generated", inferer, **settings)
     record = record_of(tmp_path / "generated")
     assert record["diversity_images"].shape == (2, 3, 1, SIZE, SIZE) and list(record["diversity_index"]) == [0, 2]
-    assert len(set(inferer.seeds)) == len(inferer.seeds)
+    # the batch starting at mask i uses seed + i; sample j of diversity mask k, seed + 2**31 + k * 3 + j
+    offset = 5 + DIVERSITY_SEED_OFFSET
+    assert inferer.seeds == [5, 7, offset, offset + 2, offset + 3, offset + 5]
     assert not np.array_equal(record["diversity_images"][0, 0], record["diversity_images"][0, 1])
     metrics = evaluate(tmp_path / "generated")
     assert len(metrics["ms_ssim_per_mask_values"]) == 2 and 0.0 < metrics["ms_ssim_per_mask"] < 1.0
@@ -178,5 +186,10 @@ def test_evaluation_without_generation_record_is_refused_naming_it(tmp_path: Pat
     ],
 )
 def test_generation_options_refused_before_work(tmp_path: Path, settings: dict, error: type, message: str) -> None:
-    with pytest.raises(error, match=message):
-        MaskConditionedGeneration(NET, PaintingInferer(), NUM_CLASSES, SIZE, str(tmp_path / "out"), **settings)
+    masks, out, inferer = png_masks(tmp_path / "masks"), tmp_path / "out", PaintingInferer()
+    run = generation_settings(out, mask_dir=str(masks), **settings)
+    with pytest.raises(error, match=message):  # the writer refuses it when the config builds it
+        parsed(inference_parser(MRI, tmp_path / "bundle", {"inferer": inferer, "network": NET}, **run), "writer")
+    with pytest.raises(error, match=message):  # and so does a run, before sampling anything
+        generate(out, inferer, mask_dir=str(masks), **settings)
+    assert inferer.seeds == [] and not out.exists()

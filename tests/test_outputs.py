@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import LIDC, MRI, inference_parser, parsed, run_inference
 from ignite.engine import Engine
 from PIL import Image
 
@@ -21,7 +22,6 @@ import meddiff.io
 from meddiff import demo
 from meddiff.errors import OptionError, UserError
 from meddiff.evaluation import evaluate_mask_conditioned_generation
-from meddiff.generation import MaskConditionedGeneration
 from meddiff.handlers import StopOnNonFiniteLoss, TrainingCheckpoint
 from meddiff.io import (
     OutputExistsError,
@@ -94,23 +94,39 @@ def png_masks(folder: Path, count: int = 3) -> Path:
     return folder
 
 
-def generation(mask_dir: Path, output_dir: Path, inferer: ImageInferer, **kwargs) -> MaskConditionedGeneration:
-    settings = {"num_classes": 2, "img_size": 8, "batch_size": 1, "progress": False, **kwargs}
-    return MaskConditionedGeneration(NET, inferer, output_dir=str(output_dir), mask_dir=str(mask_dir), **settings)
+def generation(mask_dir: Path, output_dir: Path, inferer: ImageInferer, **overrides) -> dict:
+    """Run the MRI bundle's inference config on PNG masks with the stand-in `inferer`; its writer's result."""
+    settings = {"num_classes": 2, "img_size": 8, "batch_size": 1, **overrides}
+    bundle_root = mask_dir.parent / "bundle"  # never written: the stand-in network has no weights to load
+    objects = {"inferer": inferer, "network": NET}
+    return run_inference(MRI, bundle_root, objects, output_dir=str(output_dir), mask_dir=str(mask_dir), **settings)
+
+
+def ensembles(dataset_dir: Path, output_dir: Path, inferer: EnsembleInferer, **overrides) -> dict:
+    """Run the LIDC bundle's inference config with the stand-in `inferer`; the manifest it wrote."""
+    settings = {"dataset_dir": str(dataset_dir), "output_dir": str(output_dir), "img_size": 16, **overrides}
+    return run_inference(LIDC, dataset_dir.parent / "bundle", {"inferer": inferer, "network": NET}, **settings)
 
 
 # ---------------------------------------------------------------- 1. all-or-nothing outputs
 
 
-def test_failed_png_generation_leaves_output_as_before_and_rerun_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fail_at", "error"),
+    [(3, RuntimeError), (4, KeyboardInterrupt)],  # at the last mask, or at the first diversity sample (at COMPLETED)
+)
+def test_failed_png_generation_leaves_output_as_before_and_rerun_completes(
+    tmp_path: Path, fail_at: int, error: type[BaseException]
+) -> None:
     masks, out = png_masks(tmp_path / "masks"), tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    with pytest.raises(RuntimeError, match="on purpose"):
-        generation(masks, out, ImageInferer(fail_at=3)).run()
-    assert snapshot(out) == before
-    result = generation(masks, out, ImageInferer()).run()
+    failing = ImageInferer(fail_at=fail_at, error=error)
+    with pytest.raises(error, match="on purpose"):
+        generation(masks, out, failing, diversity_masks=1, samples_per_mask=2)
+    assert snapshot(out) == before and failing.calls == fail_at
+    result = generation(masks, out, ImageInferer())
     assert len(result["outputs"]) == 3 and (out / "grid.png").is_file()
     assert sorted(p.name for p in (out / "images").iterdir()) == ["case0.png", "case1.png", "case2.png"]
     manifest = json.loads((out / "generation.json").read_text())
@@ -121,37 +137,39 @@ def test_failed_png_generation_leaves_output_as_before_and_rerun_completes(tmp_p
 def test_interrupted_volume_generation_leaves_nothing_and_stale_staging_is_removed(
     tmp_path: Path, phantom_dir: Path
 ) -> None:
-    out = tmp_path / "generated"
-    run = {"dataset_dir": str(phantom_dir), "split": "train", "batch_size": 8, "progress": False}
+    out, bundle_root = tmp_path / "generated", tmp_path / "bundle"
+    run = {"output_dir": str(out), "dataset_dir": str(phantom_dir), "split": "train", "num_classes": 4, "img_size": 8}
+    inferer = ImageInferer(fail_at=2, error=KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
-        MaskConditionedGeneration(NET, ImageInferer(fail_at=2, error=KeyboardInterrupt), 4, 8, str(out), **run).run()
+        run_inference(MRI, bundle_root, {"inferer": inferer, "network": NET}, **run)
+    assert inferer.calls == 2  # one call per label volume: the first volume was done when the second was stopped
     assert not out.exists()  # the folder this run created is gone again
     stale = out / f".meddiff.staging-{HOST}-{dead_pid()}-abcd_123"
     (stale / "imagesTs").mkdir(parents=True)
     (stale / "imagesTs" / "half_written.nii.gz").write_bytes(b"partial")
     live = out / f".meddiff.staging-{HOST}-{os.getppid()}-abcd_123"
     live.mkdir()
-    MaskConditionedGeneration(NET, ImageInferer(), 4, 8, str(out), **run).run()
+    run_inference(MRI, bundle_root, {"inferer": ImageInferer(), "network": NET}, **run)
     assert not stale.exists() and live.exists()  # a live process's staging is never touched
     assert len(list((out / "imagesTs").iterdir())) == 3 and (out / "generation.json").is_file()
 
 
 def test_existing_outputs_refused_with_count_and_overwrite_false_string(tmp_path: Path) -> None:
     from meddiff.data.lidc import make_synthetic_lidc
-    from meddiff.ensembles import EnsembleSegmentation
 
     data = make_synthetic_lidc(tmp_path / "data", num_train=1, num_test=2, size=16, seed=1)
     out = tmp_path / "ensembles"
-    common = {"dataset_dir": str(data), "output_dir": str(out), "img_size": 16, "progress": False}
-    EnsembleSegmentation(NET, EnsembleInferer(), **common).run()
+    ensembles(data, out, EnsembleInferer())
     before = snapshot(out)
+    refused = EnsembleInferer(half=2)
     with pytest.raises(OutputExistsError, match=r"and 9 other output\(s\) of this run already exists"):
-        EnsembleSegmentation(NET, EnsembleInferer(half=2), overwrite="false", **common).run()
-    assert snapshot(out) == before
+        ensembles(data, out, refused, overwrite="false")
+    assert snapshot(out) == before and refused.calls == 0
+    failing = EnsembleInferer(half=2, fail_at=2)
     with pytest.raises(RuntimeError, match="on purpose"):
-        EnsembleSegmentation(NET, EnsembleInferer(half=2, fail_at=2), overwrite="TRUE", **common).run()
-    assert snapshot(out) == before
-    EnsembleSegmentation(NET, EnsembleInferer(half=2), overwrite="TRUE", **common).run()
+        ensembles(data, out, failing, overwrite="TRUE")
+    assert snapshot(out) == before and failing.calls == 2  # the first case was written (staged) before the failure
+    ensembles(data, out, EnsembleInferer(half=2), overwrite="TRUE")
     assert snapshot(out) != before and set(snapshot(out)) == set(before)
 
 
@@ -160,13 +178,25 @@ def test_output_overlapping_input_or_unwritable_is_refused_before_work(tmp_path:
     before = snapshot(masks)
     inferer = ImageInferer()
     with pytest.raises(UserError, match="inside the input"):
-        generation(masks, masks / "generated", inferer).run()
+        generation(masks, masks / "generated", inferer)
     with pytest.raises(UserError, match="would overwrite or hold the input"):
-        generation(masks, tmp_path, inferer, overwrite=True).run()  # tmp_path/masks/*.png are the inputs
+        generation(masks, tmp_path, inferer, overwrite=True)  # tmp_path/masks/*.png are the inputs
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot be created"):
-        generation(masks, tmp_path / "file" / "out", inferer).run()
+        generation(masks, tmp_path / "file" / "out", inferer)
     assert inferer.calls == 0 and snapshot(masks) == before
+
+
+def test_ensemble_output_overlapping_dataset_is_refused_before_work(tmp_path: Path) -> None:
+    from meddiff.data.lidc import make_synthetic_lidc
+
+    data = make_synthetic_lidc(tmp_path / "data", num_train=1, num_test=1, size=16, seed=1)
+    before, inferer = snapshot(data), EnsembleInferer()
+    with pytest.raises(UserError, match="inside the input"):
+        ensembles(data, data / "ensembles", inferer)
+    with pytest.raises(UserError, match="grid.png would overwrite or hold the input"):  # the grid is an output too
+        ensembles(data, tmp_path / "ensembles", inferer, grid_file=str(data / "grid.png"))
+    assert inferer.calls == 0 and snapshot(data) == before
 
 
 def test_dicom_overwrite_replaces_nifti_and_seg_together(tmp_path: Path) -> None:
@@ -241,7 +271,9 @@ def test_staged_output_refuses_undeclared_paths_and_commits_manifest_last(
 
 
 def test_options_are_parsed_at_construction(tmp_path: Path) -> None:
-    from meddiff.ensembles import DicomNoduleEnsembles, EnsembleSegmentation
+    from meddiff.data.lidc import make_synthetic_lidc
+    from meddiff.ensembles import DicomNoduleEnsembles, EnsembleWriter
+    from meddiff.generation import GenerationWriter
 
     dicom = {"dicom_dir": str(tmp_path), "centres": [[1, 1, 1]], "output_dir": str(tmp_path / "o")}
     with pytest.raises(OptionError, match="--hu_window must be increasing"):
@@ -250,21 +282,38 @@ def test_options_are_parsed_at_construction(tmp_path: Path) -> None:
         DicomNoduleEnsembles(NET, EnsembleInferer(), crop_spacing_mm=-1, **dicom)
     with pytest.raises(OptionError, match="--frequency_thresholds"):
         DicomNoduleEnsembles(NET, EnsembleInferer(), frequency_thresholds=[2, -1], **dicom)
-    with pytest.raises(OptionError, match="--max_items"):
-        EnsembleSegmentation(NET, EnsembleInferer(), str(tmp_path), str(tmp_path / "o"), max_items=-1)
+    data = make_synthetic_lidc(tmp_path / "data", num_train=1, num_test=1, size=16, seed=1)
+    masks = png_masks(tmp_path / "masks")
+    mri = {"mask_dir": str(masks), "num_classes": 2}
+    bundles = ((LIDC, EnsembleInferer, {"dataset_dir": str(data)}), (MRI, ImageInferer, mri))
+    for bundle, make_inferer, inputs in bundles:
+        for bad, message, piece in (
+            ({"max_items": -1}, "--max_items", "datalist"),
+            ({"overwrite": "yes"}, "--overwrite must be true or false", "writer"),
+        ):
+            inferer, settings = make_inferer(), {**inputs, "output_dir": str(tmp_path / "o"), **bad}
+            objects = {"inferer": inferer, "network": NET}
+            with pytest.raises(OptionError, match=message):  # the piece that takes the value refuses it
+                parsed(inference_parser(bundle, tmp_path / "bundle", objects, **settings), piece)
+            with pytest.raises(OptionError, match=message):  # and a run refuses it before any sampling
+                run_inference(bundle, tmp_path / "bundle", objects, **settings)
+            assert inferer.calls == 0 and not (tmp_path / "o").exists()
+    with pytest.raises(OptionError, match="--overwrite must be true or false"):  # the writers check it themselves
+        GenerationWriter([], str(tmp_path / "o"), 2, 8, overwrite="yes")
     with pytest.raises(OptionError, match="--overwrite must be true or false"):
-        generation(tmp_path, tmp_path / "o", ImageInferer(), overwrite="yes")
+        EnsembleWriter([], str(data), str(tmp_path / "o"), EnsembleInferer(), overwrite="yes")
     with pytest.raises(OptionError, match="--resume"):
         TrainingCheckpoint(str(tmp_path), {}, resume="no")
 
 
 def test_overwrite_false_string_keeps_existing_generation(tmp_path: Path) -> None:
     masks, out = png_masks(tmp_path / "masks"), tmp_path / "out"
-    generation(masks, out, ImageInferer(value=-1.0)).run()
+    generation(masks, out, ImageInferer(value=-1.0))
     before = snapshot(out)
+    refused = ImageInferer(value=1.0)
     with pytest.raises(OutputExistsError, match="--overwrite true"):
-        generation(masks, out, ImageInferer(value=1.0), overwrite="false").run()
-    assert snapshot(out) == before
+        generation(masks, out, refused, overwrite="false")
+    assert snapshot(out) == before and refused.calls == 0
 
 
 # ---------------------------------------------------------------- 3. training checkpoints

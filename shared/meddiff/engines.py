@@ -10,6 +10,10 @@ subclasses override one hook each:
 - `ConditionDropoutPrepareBatch`: the condition is replaced by its null with probability `drop_rate` per sample,
   for classifier-free guidance (Ho & Salimans 2022); ``drop_channels`` nulls only those channels, as the seed's
   ``--drop_hvb_only`` does for the nuclei bundle's HV and edge maps.
+
+For inference, `SeededPrepareBatch` hands MONAI's `SupervisedEvaluator` the batch's ``image`` and its ``seed`` (the
+first item's), so the sampling inferer draws each batch's noise from that seed: a run's outputs do not depend on
+which batches came before.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.engines import DiffusionPrepareBatch
+from monai.engines import DiffusionPrepareBatch, PrepareBatch
 
 from meddiff.conditioning import Conditioning
 
-__all__ = ["CIMDPrepareBatch", "ConditionDropoutPrepareBatch", "ConditionedPrepareBatch"]
+__all__ = ["CIMDPrepareBatch", "ConditionDropoutPrepareBatch", "ConditionedPrepareBatch", "SeededPrepareBatch"]
 
 
 class ConditionedPrepareBatch(DiffusionPrepareBatch):
@@ -122,3 +126,26 @@ class ConditionDropoutPrepareBatch(ConditionedPrepareBatch):
         dropped = condition.clone()
         dropped[:, self.drop_channels] = self.conditioning.drop(condition[:, self.drop_channels], keep)
         return dropped
+
+
+class SeededPrepareBatch(PrepareBatch):
+    """Evaluation batches for sampling inferers: ``inferer(batch["image"], network, seed=batch["seed"][0])``.
+
+    Args:
+        image_name: batch key of the inferer's input.
+        seed_name: batch key of the per-item seeds (absent: the inferer's own seed).
+    """
+
+    def __init__(self, image_name: str = "image", seed_name: str = "seed") -> None:
+        self.image_name, self.seed_name = image_name, seed_name
+
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, tuple, dict]:
+        inputs = batchdata[self.image_name].to(device=device, non_blocking=non_blocking, **kwargs)
+        seeds = batchdata.get(self.seed_name)
+        return inputs, None, (), {} if seeds is None else {"seed": int(torch.as_tensor(seeds).reshape(-1)[0])}

@@ -2,8 +2,9 @@
 
 - `meddiff.inferers.EnsembleSamplingInferer` (imported here): ``inferer(image, network)`` runs all N members batched
   (one stochastic reverse process each), so MONAI Label's bundle loader can drive it.
-- `EnsembleSegmentation`: every case of a split in the seed's layout -> N binary masks, the frequency map and
-  the majority mask as PNG, plus a grid.
+- `ensemble_datalist` and `EnsembleWriter`: the inference config's dataset (every case of a split in the seed's
+  layout) and the evaluator handler that writes N binary masks, the frequency map and the majority mask as PNG,
+  plus a grid.
 - `evaluate_ensembles`: GED, CI score and majority Dice per image and averaged, to JSON.
 - `DicomNoduleEnsembles`: a DICOM CT series and nodule centres -> NIfTI in the CT's geometry and a DICOM SEG.
 """
@@ -21,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
+from meddiff.data.inference import as_numpy
 from meddiff.data.lidc import (
     crop_plane,
     find_lidc_cases,
-    load_lidc_cases,
     paste_plane,
     read_binary_mask,
     window_to_uint8,
@@ -32,15 +33,17 @@ from meddiff.data.lidc import (
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.errors import OptionError
 from meddiff.inferers import EnsembleSamplingInferer
-from meddiff.io import StagedOutput, atomic_write, check_new_output, save_json, save_png
+from meddiff.io import StagedOutput, atomic_write, check_new_output, load_trained_weights, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
 from meddiff.options import check, parse
 from meddiff.visualize import save_grid, to_rgb_tile
+from meddiff.writers import StagedWriter
 
 __all__ = [
     "DicomNoduleEnsembles",
     "EnsembleSamplingInferer",
-    "EnsembleSegmentation",
+    "EnsembleWriter",
+    "ensemble_datalist",
     "ensemble_verdict",
     "evaluate_ensembles",
 ]
@@ -61,90 +64,107 @@ def _write_ensemble(samples: np.ndarray, folder: Path, place: Callable[[Path], P
     return frequency, majority
 
 
-class EnsembleSegmentation:
-    """Sample an ensemble for every case of a split in the seed's layout and write it.
+def ensemble_datalist(
+    dataset_dir: str, split: str = "testing", num_raters: int = 4, seed: int = 0, max_items: int | None = None
+) -> list[dict]:
+    """The inference dataset's items, one per case of a split in the seed's layout.
+
+    Each is ``{"image": the CT crop's file, "name": the case, "seed": seed + i}`` (case i is sampled with its
+    own seed); the raters' masks stay with `EnsembleWriter`, which draws them in the grid.
+    """
+    cases = find_lidc_cases(dataset_dir, split, parse("num_raters", num_raters))
+    cases = cases[: parse("max_items", max_items)] if max_items else cases
+    if not cases:
+        raise DataError(f"{dataset_dir} has no {split} cases: check --dataset_dir and --split.")
+    seed = parse("seed", seed)
+    return [{"image": str(c["image"]), "name": c["name"], "seed": seed + i} for i, c in enumerate(cases)]
+
+
+class EnsembleWriter(StagedWriter):
+    """Write every case's ensemble as the evaluator produces it (an evaluator handler).
 
     Writes ``<output_dir>/<case>/sample_XX.png`` (0/255), ``frequency.png`` (round(255 * fraction of members)),
-    ``majority.png`` (strictly more than half of the members), all at the case's own image size;
-    ``<output_dir>/ensembles.json`` (settings and cases) and `grid_file` (image, references, members, frequency).
-    The files appear all together when every case is done (`meddiff.io.StagedOutput`, the manifest last): every
-    output path is checked before sampling starts, nothing is replaced unless `overwrite` is set, and a failed or
-    interrupted run leaves `output_dir` as it was.
+    ``majority.png`` (strictly more than half of the members), all on the case's own image grid (the
+    postprocessing's ``Invertd`` brings the members back); ``<output_dir>/ensembles.json`` (settings and cases) and
+    `grid_file` (image, references, members, frequency). The files appear all together when every case is done
+    (`meddiff.writers.StagedWriter`).
 
     Args:
-        network: the trained `meddiff.networks.CIMDNetwork`.
-        inferer: the `EnsembleSamplingInferer` that samples each case.
-        dataset_dir: cases in the seed's layout.
+        datalist: the evaluator's items (`ensemble_datalist`).
+        dataset_dir: cases in the seed's layout (for the raters' masks in the grid).
         output_dir: where the ensembles go.
-        split: the split of `dataset_dir` to segment.
+        inferer: the `EnsembleSamplingInferer` (its settings go into the manifest).
+        split: the split of `dataset_dir` segmented.
         img_size: the network's square input size.
-        num_raters: reference masks per case (shown in the grid).
+        num_raters: reference masks per case.
         grid_file: the preview grid (default ``<output_dir>/grid.png``).
         grid_size: rows of the preview grid.
-        seed: case i is sampled with ``seed + i``.
-        max_items: the first `max_items` cases only (None: all).
+        seed: the run's seed (case i used ``seed + i``).
         overwrite: replace existing outputs.
-        progress: show a progress bar.
+        provenance: the record (`meddiff.provenance.make_provenance`) every written mask carries, with the case's
+            seed (None: no record).
     """
 
     def __init__(
         self,
-        network: torch.nn.Module,
-        inferer: EnsembleSamplingInferer,
+        datalist: Sequence[dict],
         dataset_dir: str,
         output_dir: str,
+        inferer: EnsembleSamplingInferer,
         split: str = "testing",
         img_size: int = 128,
         num_raters: int = 4,
         grid_file: str | None = None,
         grid_size: int = 8,
         seed: int = 0,
-        max_items: int | None = None,
         overwrite: bool = False,
-        progress: bool = True,
+        provenance: dict | None = None,
     ) -> None:
-        self.network, self.inferer, self.dataset_dir, self.output_dir = network, inferer, dataset_dir, Path(output_dir)
-        self.split, self.img_size, self.num_raters = split, parse("img_size", img_size), parse("num_raters", num_raters)
-        self.seed, self.max_items = parse("seed", seed), parse("max_items", max_items)
+        self.provenance = provenance
+        self.output_dir, self.dataset_dir, self.inferer, self.split = Path(output_dir), dataset_dir, inferer, split
+        self.img_size, self.num_raters = parse("img_size", img_size), parse("num_raters", num_raters)
         self.grid_file = Path(grid_file) if grid_file else self.output_dir / "grid.png"
-        self.grid_size, self.overwrite, self.progress = (
-            grid_size,
-            parse("overwrite", overwrite),
-            parse("progress", progress),
-        )
+        self.grid_size, self.seed = grid_size, parse("seed", seed)
+        self.names = [item["name"] for item in datalist]
+        self.raters: dict[str, list] = {}
+        super().__init__(self.output_dir, parse("overwrite", overwrite), self.output_dir / MANIFEST)
+        self.rows: list[list[np.ndarray]] = []
 
-    def run(self) -> dict:
-        """Sample and write every case; return the manifest."""
-        found = find_lidc_cases(self.dataset_dir, self.split, self.num_raters)
-        found = found[: self.max_items] if self.max_items else found
-        n = self.inferer.num_samples
-        names = [f"sample_{k:02d}.png" for k in range(n)] + ["frequency.png", "majority.png"]
-        targets = [self.output_dir / c["name"] / f for c in found for f in names] + [self.grid_file]
-        staged = StagedOutput(self.output_dir, targets, [self.dataset_dir], self.overwrite, self.output_dir / MANIFEST)
-        with staged as stage:
-            return self._run(stage, len(found))
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self.rows = []
 
-    def _run(self, stage: StagedOutput, num_cases: int) -> dict:
-        cases = load_lidc_cases(self.dataset_dir, self.split, None, self.num_raters, progress=False)[:num_cases]
+    def targets(self) -> tuple[list[Path], list[str]]:  # noqa: D102
+        self.raters = {c["name"]: c["label"] for c in find_lidc_cases(self.dataset_dir, self.split, self.num_raters)}
+        files = [f"sample_{k:02d}.png" for k in range(self.inferer.num_samples)] + ["frequency.png", "majority.png"]
+        return [self.output_dir / name / f for name in self.names for f in files] + [self.grid_file], [self.dataset_dir]
+
+    def write(self, engine: Any, item: dict, output: dict) -> None:  # noqa: D102
+        members = as_numpy(output["members"]).astype(bool)  # (N, X, Y): MONAI's axis order
+        members = np.swapaxes(members, -1, -2)  # (N, H, W), row-major like the crop's file
+        folder = self.output_dir / item["name"]
+        record = None if self.provenance is None else dict(self.provenance, seed=int(item["seed"]))
+        arrays = {f"sample_{k:02d}.png": member.astype(np.uint8) * 255 for k, member in enumerate(members)}
+        arrays["frequency.png"] = np.round(members.mean(axis=0) * 255).astype(np.uint8)
+        arrays["majority.png"] = majority_mask(members) * 255
+        for name, array in arrays.items():
+            save_png(array, self.path(folder / name), provenance=record)
+        if len(self.rows) < self.grid_size:
+            image = as_numpy(output["image"])  # the network's input, (1, S, S) row-major in [-1, 1]
+            refs = np.stack([read_binary_mask(p) for p in self.raters[item["name"]]])
+            refs = resize_label(refs.astype(np.int64), self.img_size)
+            small = resize_label(members.astype(np.int64), self.img_size)
+            row = [to_rgb_tile(image)] + [to_rgb_tile(m, (0.0, 1.0)) for m in (*refs, *small, small.mean(axis=0))]
+            self.rows.append(row)
+
+    def finish(self, engine: Any) -> dict:  # noqa: D102
         n = self.inferer.num_samples
-        device = next(self.network.parameters()).device
-        rows = []
-        for i, case in enumerate(tqdm(cases, desc="sampling ensembles", disable=not self.progress)):
-            image = torch.from_numpy(resize_image(case["image"], self.img_size))[None].to(device)
-            samples = self.inferer(image, self.network, seed=self.seed + i, output="samples")[0].cpu().numpy()
-            full = resize_label(samples.astype(np.int64), case["image"].shape[1:]).astype(bool)
-            _write_ensemble(full, self.output_dir / case["name"], stage.path)
-            if i < self.grid_size:
-                refs = resize_label(case["label"].astype(np.int64), self.img_size)
-                row = [to_rgb_tile(image[0].cpu().numpy())]
-                row += [to_rgb_tile(m, (0.0, 1.0)) for m in (*refs, *samples, samples.mean(axis=0))]
-                rows.append(row)
-        if rows:
+        if self.rows:
             labels = ["image", *(f"rater {r + 1}" for r in range(self.num_raters))]
             labels += [*(f"member {k + 1}" for k in range(n)), "frequency"]
-            save_grid(rows, stage.path(self.grid_file), column_labels=labels)
+            save_grid(self.rows, self.path(self.grid_file), column_labels=labels)
         manifest = {
-            "cases": [c["name"] for c in cases],
+            "cases": self.names,
             "dataset_dir": str(self.dataset_dir),
             "split": self.split,
             "num_samples": n,
@@ -153,7 +173,7 @@ class EnsembleSegmentation:
             "seed": self.seed,
             "img_size": self.img_size,
         }
-        save_json(manifest, stage.path(self.output_dir / MANIFEST))
+        save_json(manifest, self.path(self.manifest))
         return manifest
 
 
@@ -260,6 +280,10 @@ class DicomNoduleEnsembles:
         frequency_thresholds: increasing member fractions in (0, 1), one SEG segment each.
         seed: nodule j is sampled with ``seed + j``.
         overwrite: replace existing outputs.
+        weights_file: trained weights loaded into `network` when the run starts (None: use `network` as it is).
+        settings: the settings checked against those stored with `weights_file`.
+        provenance: the record (`meddiff.provenance.make_provenance`) the NIfTI outputs carry, with the nodule's
+            seed (None: no record).
     """
 
     def __init__(
@@ -277,7 +301,11 @@ class DicomNoduleEnsembles:
         frequency_thresholds: Sequence[float] = (0.25, 0.75),
         seed: int = 0,
         overwrite: bool = False,
+        weights_file: str | None = None,
+        settings: dict | None = None,
+        provenance: dict | None = None,
     ) -> None:
+        self.weights_file, self.settings, self.provenance = weights_file, settings, provenance
         check(centre_space in ("voxel", "patient"), f"--centre_space must be voxel or patient, got {centre_space!r}.")
         self.network, self.inferer, self.dicom_dir, self.output_dir = network, inferer, dicom_dir, Path(output_dir)
         self.centres, self.centre_space = [tuple(float(v) for v in c) for c in centres], centre_space
@@ -312,6 +340,8 @@ class DicomNoduleEnsembles:
         staged = StagedOutput(self.output_dir, targets, [self.dicom_dir], self.overwrite, manifest)
         image = read_series(self.dicom_dir)
         indices = [self._index(image, c) for c in self.centres]
+        if self.weights_file is not None:
+            load_trained_weights(self.network, self.weights_file, self.settings)
         with staged as stage:
             records = self._segment(image, indices, stage)
             save_json(records, stage.path(manifest))
@@ -322,6 +352,7 @@ class DicomNoduleEnsembles:
 
         from meddiff import __version__
         from meddiff.dicom import NODULE_CODES, write_like, write_seg
+        from meddiff.provenance import embed_nifti_provenance
 
         hu = sitk.GetArrayViewFromImage(image)
         spacing_x, spacing_y = image.GetSpacing()[:2]
@@ -340,15 +371,19 @@ class DicomNoduleEnsembles:
             majority = np.zeros(hu.shape, np.uint8)
             majority[k] = majority_mask(plane.astype(bool))
             folder = self.output_dir / f"nodule_{j:02d}"
-            write_like(majority, image, stage.path(folder / "majority.nii.gz"))
-            write_like(frequency, image, stage.path(folder / "frequency.nii.gz"))
+            record = None if self.provenance is None else dict(self.provenance, seed=self.seed + j)
+            write_like(majority, image, stage.path(folder / "majority.nii.gz"), provenance=record)
+            write_like(frequency, image, stage.path(folder / "frequency.nii.gz"), provenance=record)
             members = [sitk.GetImageFromArray(m[None]) for m in plane]
             for m in members:
                 m.CopyInformation(image[:, :, k : k + 1])
-            atomic_write(
-                stage.path(folder / "samples.nii.gz"),
-                lambda tmp, s=sitk.JoinSeries(members): sitk.WriteImage(s, tmp, True),
-            )
+
+            def write_members(tmp: str, series: Any = sitk.JoinSeries(members), record: dict | None = record) -> None:
+                sitk.WriteImage(series, tmp, True)
+                if record is not None:
+                    embed_nifti_provenance(tmp, record)
+
+            atomic_write(stage.path(folder / "samples.nii.gz"), write_members)
             segments = {
                 "majority": majority,
                 **{f"frequency >= {t:g}": frequency >= t for t in self.frequency_thresholds},

@@ -21,30 +21,36 @@ is strictly above ``min_foreground_fraction``; every 2D mask counts.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
+from meddiff.data.inference import as_numpy
 from meddiff.data.layouts import (
     IMAGE_SUFFIXES,
     VOLUME_SUFFIXES,
     check_label,
+    detect_layout,
+    dicom_pairs,
     file_stem,
     list_files,
     msd_split_folders,
     read_png_mask,
 )
-from meddiff.data.slices import foreground_fraction, resize_label
+from meddiff.data.slices import foreground_fraction
 from meddiff.data.transforms import encode_mask
-from meddiff.io import StagedOutput, atomic_write, save_json, save_png, to_uint8
+from meddiff.dicom import write_like
+from meddiff.io import atomic_write, save_json, save_png
 from meddiff.options import check, parse
 from meddiff.visualize import label_to_rgb, save_grid, to_rgb_tile
+from meddiff.writers import StagedWriter
 
-__all__ = ["RECORD_NAME", "MaskConditionedGeneration", "find_condition_masks", "kept_by_slice_rule"]
+__all__ = ["RECORD_NAME", "GenerationWriter", "find_condition_masks", "generation_datalist", "kept_by_slice_rule"]
 
 GRID_COLUMNS = ("mask", "generated")
 RECORD_NAME = "generated_slices.npz"
@@ -65,6 +71,8 @@ def find_condition_masks(
         folder = Path(mask_dir)
     elif seg_dir:
         folder = Path(seg_dir) / "all" / split
+    elif dataset_dir and detect_layout(dataset_dir) == "dicom":
+        return "volume", [Path(pair["label"]) for pair in dicom_pairs(Path(dataset_dir), split)]
     elif dataset_dir:
         return "volume", list_files(msd_split_folders(dataset_dir, split)[1], VOLUME_SUFFIXES)
     else:
@@ -75,93 +83,207 @@ def find_condition_masks(
     return ("volume", volumes) if volumes else ("png", list_files(folder, IMAGE_SUFFIXES))
 
 
-class MaskConditionedGeneration:
-    """Generate one image per mask slice with a sampling inferer and write image+mask pairs.
+def generation_datalist(
+    mask_dir: str | None = None,
+    dataset_dir: str | None = None,
+    seg_dir: str | None = None,
+    split: str = "test",
+    num_classes: int | None = None,
+    seed: int = 0,
+    max_items: int | None = None,
+) -> list[dict]:
+    """The inference dataset's items: one per PNG mask or label volume, every one read and checked first.
+
+    Each is ``{"image": the mask's file, "name": its stem, "seed": ...}``; in the DICOM layout (``<case>/image/``
+    + ``<case>/label.nii.gz``) the name is the case and ``"series"`` its DICOM series folder. PNG mask i is seeded
+    ``seed + i`` (with ``batch_size`` masks per batch, the batch starting at mask i is sampled with ``seed + i``); a
+    volume is seeded ``seed``, and its batch of slices starting at slice z with ``seed + z`` (see
+    `meddiff.inferers.ConditionedSamplingInferer`).
+    """
+    num_classes = parse("num_classes", num_classes)
+    check(
+        num_classes is not None,
+        "--num_classes must be set to generate: the label classes the model was trained with, background included.",
+    )
+    kind, inputs = find_condition_masks(mask_dir, dataset_dir, seg_dir, split)
+    if not inputs:
+        raise DataError("no masks found to generate from: check --mask_dir / --dataset_dir.")
+    inputs = inputs[: parse("max_items", max_items)] if max_items else inputs
+    unreadable = [p for p in inputs if p.name.lower().endswith((".mha", ".mhd"))]
+    if unreadable:
+        raise DataError(f"{unreadable[0]}: MetaImage label volumes are not read here; save it as .nii.gz or .nrrd.")
+    for path in inputs:  # every label is read and checked before the first image is generated
+        if kind == "png":
+            check_label(read_png_mask(str(path)), num_classes, str(path))
+        else:
+            _read_label_volume(path, num_classes)
+    seed = parse("seed", seed)
+    items = [
+        {"image": str(p), "name": file_stem(p), "seed": seed + i if kind == "png" else seed}
+        for i, p in enumerate(inputs)
+    ]
+    if dataset_dir and not (mask_dir or seg_dir) and detect_layout(dataset_dir) == "dicom":
+        series = {pair["label"]: pair for pair in dicom_pairs(Path(dataset_dir), split)}
+        for item in items:  # the DICOM layout's labels lie on their case's series: name the case, keep the series
+            item["name"], item["series"] = series[item["image"]]["name"], series[item["image"]]["image"]
+    return items
+
+
+def _read_label_volume(path: Path, num_classes: int) -> tuple:
+    import SimpleITK as sitk
+
+    from meddiff.dicom import read_volume
+
+    reference = read_volume(path)
+    label = sitk.GetArrayFromImage(reference)
+    if label.ndim != 3:
+        raise DataError(f"label volume {path} has {label.ndim} dimensions: expected a 3D label map.")
+    return reference, check_label(label, num_classes, str(path))
+
+
+class GenerationWriter(StagedWriter):
+    """Write the generated image+mask pairs as the evaluator produces them (an evaluator handler).
 
     PNG masks give ``output_dir/images/<name>.png`` and ``output_dir/masks/<name>.png``; label volumes give
-    ``output_dir/imagesTs/<case>.nii.gz`` (generated slice by slice, written with the label's geometry) and
-    ``output_dir/labelsTs/<case>.nii.gz``; both give ``output_dir/grid.png`` and the manifest
-    ``output_dir/generation.json`` (outputs relative to `output_dir`). The outputs appear all together when the run
-    finished (`meddiff.io.StagedOutput`): every output path is checked before sampling starts, nothing existing is
-    replaced unless `overwrite` is set, and a failed or interrupted run leaves `output_dir` as it was.
+    ``output_dir/imagesTs/<case>.nii.gz`` (generated slice by slice, written with the label's geometry, in [0, 1])
+    and ``output_dir/labelsTs/<case>.nii.gz``; both give ``output_dir/grid.png``, the record
+    ``generated_slices.npz`` and the manifest ``output_dir/generation.json`` (outputs relative to `output_dir`). The
+    outputs appear all together when the run finished (`meddiff.writers.StagedWriter`).
 
     Args:
-        network: the trained denoising network.
-        inferer: a sampling inferer called as ``inferer(condition, network, seed=...)``.
-        num_classes: label classes the network was trained with, background included.
-        img_size: the network's square input size; masks are resized to it and images back to the mask's size.
+        datalist: the evaluator's items (`generation_datalist`).
         output_dir: where the pairs go.
-        mask_dir: a folder of PNG masks (first choice of input).
-        dataset_dir: a dataset with ``labelsTs/`` (test) or ``labelsTr/`` label volumes.
-        seg_dir: masks in the seed's layout, ``<seg_dir>/all/<split>/``.
-        split: which split of `dataset_dir` / `seg_dir` to read.
-        ablated_classes: classes left out of the condition (the model generates them freely).
-        batch_size: masks sampled at once.
-        seed: sampling seed; the batch starting at slice i (of a mask folder, or of one volume) uses ``seed + i``;
-            the batch starting at sample j of diversity mask k uses ``seed + 2**31 + k * samples_per_mask + j``.
-        max_items: generate from the first `max_items` inputs only (None: all).
-        overwrite: replace existing outputs (option ``--overwrite``, ``true``/``false``).
-        progress: show progress bars.
+        num_classes: label classes the network was trained with, background included.
+        img_size: the network's square input size.
+        inputs: the input folders (outputs may not overlap them).
+        ablated_classes: classes left out of the condition.
+        batch_size: masks sampled at once for the diversity samples.
+        seed: the run's seed; the batch starting at sample j of diversity mask k uses
+            ``seed + 2**31 + k * samples_per_mask + j``.
+        overwrite: replace existing outputs.
         grid_size: rows of the preview grid.
         diversity_masks: K masks, evenly spaced over those the slice rule keeps, are each sampled
             `samples_per_mask` more times for per-mask diversity (0: none).
         samples_per_mask: samples per diversity mask (at least 2).
         min_foreground_fraction: the slice rule's threshold, used here to choose the diversity masks.
+        provenance: the record (`meddiff.provenance.make_provenance`) every generated file carries, with the item's
+            seed (None: no record).
     """
 
     def __init__(
         self,
-        network: torch.nn.Module,
-        inferer: torch.nn.Module,
+        datalist: Sequence[dict],
+        output_dir: str,
         num_classes: int,
         img_size: int,
-        output_dir: str,
-        mask_dir: str | None = None,
-        dataset_dir: str | None = None,
-        seg_dir: str | None = None,
-        split: str = "test",
-        ablated_classes: tuple[int, ...] = (),
+        inputs: Sequence[str | None] = (),
+        ablated_classes: Sequence[int] = (),
         batch_size: int = 8,
         seed: int = 0,
-        max_items: int | None = None,
         overwrite: bool = False,
-        progress: bool = True,
         grid_size: int = 8,
         diversity_masks: int = 0,
         samples_per_mask: int = 4,
         min_foreground_fraction: float = 0.0,
+        provenance: dict | None = None,
     ) -> None:
-        num_classes = parse("num_classes", num_classes)
-        check(
-            num_classes is not None,
-            "--num_classes must be set to generate: the label classes the model was trained with, background included.",
-        )
-        self.network, self.inferer = network, inferer
-        self.num_classes, self.img_size, self.output_dir = num_classes, parse("img_size", img_size), Path(output_dir)
-        self.mask_dir, self.dataset_dir, self.seg_dir, self.split = mask_dir, dataset_dir, seg_dir, split
+        self.output_dir, self.provenance = Path(output_dir), provenance
+        self.series = {item["name"]: item["series"] for item in datalist if item.get("series")}
+        super().__init__(self.output_dir, parse("overwrite", overwrite), self.output_dir / "generation.json")
+        self.files = {item["name"]: Path(item["image"]) for item in datalist}
+        self.kind = "png" if all(p.name.lower().endswith(IMAGE_SUFFIXES) for p in self.files.values()) else "volume"
+        self.num_classes, self.img_size = parse("num_classes", num_classes), parse("img_size", img_size)
+        self.inputs = list(inputs)
         self.ablated_classes = tuple(parse("ablated_classes", list(ablated_classes)))
+        bad = [k for k in self.ablated_classes if not 1 <= k < self.num_classes]
+        check(not bad, f"--ablated_classes {bad} are not foreground classes: choose among 1..{self.num_classes - 1}.")
         self.batch_size, self.seed = parse("batch_size", batch_size), parse("seed", seed)
-        self.max_items, self.overwrite = parse("max_items", max_items), parse("overwrite", overwrite)
-        self.progress, self.grid_size = parse("progress", progress), grid_size
+        self.grid_size = grid_size
         self.diversity_masks = parse("diversity_masks", diversity_masks)
         self.samples_per_mask = parse("samples_per_mask", samples_per_mask)
         self.min_foreground_fraction = parse("min_foreground_fraction", min_foreground_fraction)
-        bad = [k for k in self.ablated_classes if not 1 <= k < num_classes]
-        check(not bad, f"--ablated_classes {bad} are not foreground classes: choose among 1..{num_classes - 1}.")
+        self.parts: list[dict] = []
+        self.rows: list[list[np.ndarray]] = []
 
-    def _device(self) -> torch.device:
-        return next(self.network.parameters()).device
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self.parts, self.rows = [], []
 
-    def _generate(self, labels: np.ndarray, desc: str, seed: int | None = None) -> np.ndarray:
+    def _outputs(self, name: str) -> tuple[Path, Path]:
+        source = self.files[name]
+        if self.kind == "png":
+            return self.output_dir / "images" / f"{name}.png", self.output_dir / "masks" / f"{name}.png"
+        return self.output_dir / "imagesTs" / source.name, self.output_dir / "labelsTs" / source.name
+
+    def targets(self) -> tuple[list[Path], list]:  # noqa: D102
+        pairs = [self._outputs(name) for name in self.files]
+        extra = [self.output_dir / "grid.png", self.output_dir / RECORD_NAME]
+        extra += [self.output_dir / "dicom" / name for name in self.series]
+        sources = [*self.inputs, *dict.fromkeys(p.parent for p in self.files.values()), *self.series.values()]
+        return [p for pair in pairs for p in pair] + extra, sources
+
+    def write(self, engine: Any, item: dict, output: dict) -> None:  # noqa: D102
+        name = item["name"]
+        source, (image_file, mask_file) = self.files[name], self._outputs(name)
+        sampled = as_numpy(output["sampled"]).astype(np.float32)  # (C, [Z,] S, S) in [-1, 1], row-major
+        labels = as_numpy(item["label"]).astype(np.int64)  # (1, [Z,] S, S), the condition's classes
+        pred = as_numpy(output["pred"])  # on the input's grid, MONAI's axis order: ([C,] X, Y[, Z])
+        record = None if self.provenance is None else dict(self.provenance, seed=int(item["seed"]))
+        if self.kind == "png":
+            mask = read_png_mask(str(source))
+            save_png(np.swapaxes(pred, -1, -2).reshape(-1, *mask.shape[1:]), self.path(image_file), provenance=record)
+            save_png(mask[0].astype(np.uint8), self.path(mask_file))
+            images, labels = sampled[None], labels
+            part = _record(images, labels, [foreground_fraction(mask[0])], [name], [str(source)], [-1])
+        else:
+            reference, label = _read_label_volume(source, self.num_classes)
+            volume = np.transpose(pred.reshape(pred.shape[-3:]), (2, 1, 0))  # (Z, Y, X) as SimpleITK holds it
+            write_like(volume.astype(np.float32), reference, self.path(image_file), provenance=record)
+            if name in self.series:
+                self._write_dicom(volume, reference, name, record)
+            atomic_write(self.path(mask_file), lambda tmp: shutil.copyfile(source, tmp))
+            images, labels = np.moveaxis(sampled, 1, 0), np.moveaxis(labels, 1, 0)  # (Z, C, S, S), (Z, 1, S, S)
+            depth = len(label)
+            part = _record(
+                images,
+                labels,
+                [foreground_fraction(z) for z in label],
+                [f"{name}_z{z:03d}" for z in range(depth)],
+                [str(source)] * depth,
+                list(range(depth)),
+            )
+        self.parts.append(part)
+        if len(self.rows) < self.grid_size:
+            middle = int(np.argmax([np.count_nonzero(s) for s in part["labels"]]))
+            self.rows.append([label_to_rgb(part["labels"][middle]), to_rgb_tile(part["images"][middle])])
+
+    def _write_dicom(self, volume: np.ndarray, reference: Any, name: str, record: dict | None) -> None:
+        """The generated volume as a synthetic series of its case's study (`meddiff.dicom.write_synthetic_series`)."""
+        import SimpleITK as sitk
+
+        from meddiff.dicom import label_on_image_grid, read_series, write_synthetic_series
+
+        if record is None:
+            raise ValueError(f"GenerationWriter needs a provenance record to write {name}'s synthetic DICOM series.")
+        image = sitk.GetImageFromArray(volume.astype(np.float32))
+        image.CopyInformation(reference)
+        series = read_series(self.series[name])
+        on_series = sitk.GetArrayFromImage(label_on_image_grid(image, series, self.files[name]))
+        write_synthetic_series(
+            on_series, self.series[name], self.path(self.output_dir / "dicom" / name), provenance=record,
+            value_range=(0.0, 1.0),
+        )  # fmt: skip
+
+    def _generate(self, engine: Any, labels: np.ndarray, seed: int) -> np.ndarray:
         """Images (N,C,S,S) in [-1,1] for integer label slices (N,1,S,S), in batches seeded ``seed + start``."""
-        device, out, seed = self._device(), [], self.seed if seed is None else seed
-        for start in tqdm(range(0, len(labels), self.batch_size), desc=desc, disable=not self.progress, leave=False):
+        device, out = next(engine.network.parameters()).device, []
+        for start in range(0, len(labels), self.batch_size):
             batch = labels[start : start + self.batch_size]
             cond = torch.stack([encode_mask(b, self.num_classes, self.ablated_classes) for b in batch]).to(device)
-            out.append(self.inferer(cond, self.network, seed=seed + start).float().cpu().numpy())
+            out.append(engine.inferer(cond, engine.network, seed=seed + start).float().cpu().numpy())
         return np.concatenate(out)
 
-    def _diversity(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _diversity(self, engine: Any, record: dict) -> tuple[np.ndarray, np.ndarray]:
         """Indices (K,) of the diversity masks and their samples (K, M, C, S, S)."""
         eligible = np.flatnonzero(
             kept_by_slice_rule(record["z"], record["foreground_fraction"], self.min_foreground_fraction)
@@ -170,111 +292,32 @@ class MaskConditionedGeneration:
         index = eligible[np.unique(np.linspace(0, len(eligible) - 1, count).round().astype(np.int64))]
         m, shape = self.samples_per_mask, record["images"].shape[1:]
         samples = np.zeros((len(index), m, *shape), dtype=np.float32)
-        for k, i in enumerate(index):
+        for k, i in enumerate(tqdm(index, desc="diversity samples", leave=False)):
             repeated = np.repeat(record["labels"][i][None, None].astype(np.int64), m, axis=0)
-            seed = self.seed + DIVERSITY_SEED_OFFSET + k * m
-            samples[k] = self._generate(repeated, f"diversity {k + 1}/{len(index)}", seed=seed)
+            samples[k] = self._generate(engine, repeated, self.seed + DIVERSITY_SEED_OFFSET + k * m)
         return index, samples
 
-    def run(self) -> dict:
-        """Generate for every input mask; return {"kind", "outputs": [final image paths], "output_dir"}."""
-        kind, inputs = find_condition_masks(self.mask_dir, self.dataset_dir, self.seg_dir, self.split)
-        if not inputs:
-            raise DataError("no masks found to generate from: check --mask_dir / --dataset_dir.")
-        inputs = inputs[: self.max_items] if self.max_items else inputs
-        if kind == "png":
-            images = [self.output_dir / "images" / f"{file_stem(p)}.png" for p in inputs]
-            masks = [self.output_dir / "masks" / f"{file_stem(p)}.png" for p in inputs]
-        else:
-            images = [self.output_dir / "imagesTs" / p.name for p in inputs]
-            masks = [self.output_dir / "labelsTs" / p.name for p in inputs]
-        grid, manifest = self.output_dir / "grid.png", self.output_dir / "generation.json"
-        record_file = self.output_dir / RECORD_NAME
-        sources = [self.mask_dir, self.dataset_dir, self.seg_dir, *dict.fromkeys(p.parent for p in inputs)]
-        targets = [*images, *masks, grid, record_file]
-        with StagedOutput(self.output_dir, targets, sources, self.overwrite, manifest) as stage:
-            if kind == "png":
-                record = self._run_png(inputs, images, masks, grid, stage)
-            else:
-                record = self._run_volumes(inputs, images, masks, grid, stage)
-            record["diversity_index"], record["diversity_images"] = self._diversity(record)
-            record["ablated_classes"] = np.asarray(self.ablated_classes, dtype=np.int64)
-            atomic_write(stage.path(record_file), lambda tmp: _save_record(tmp, record))
-            outputs = [t.relative_to(self.output_dir).as_posix() for t in images]
-            save_json(
-                {
-                    "kind": kind,
-                    "outputs": outputs,
-                    "ablated_classes": list(self.ablated_classes),
-                    "record": RECORD_NAME,
-                    "img_size": self.img_size,
-                    "min_foreground_fraction": self.min_foreground_fraction,
-                    "diversity_masks": len(record["diversity_index"]),
-                    "samples_per_mask": self.samples_per_mask,
-                },
-                stage.path(manifest),
-            )
-        return {"kind": kind, "outputs": [str(t) for t in images], "output_dir": str(self.output_dir)}
-
-    def _run_png(
-        self, inputs: list[Path], targets: list[Path], mask_targets: list[Path], grid: Path, stage: StagedOutput
-    ) -> dict:
-        masks = [read_png_mask(str(p)) for p in inputs]
-        for m, p in zip(masks, inputs):
-            check_label(m, self.num_classes, str(p))
-        labels = np.stack([resize_label(m, self.img_size) for m in masks])
-        images = self._generate(labels, "generating images")
-        for image, mask, target, mask_target in zip(images, masks, targets, mask_targets):
-            full = F.interpolate(torch.from_numpy(image)[None], size=mask.shape[-2:], mode="bilinear")[0].numpy()
-            save_png(to_uint8(full), stage.path(target))
-            save_png(mask[0].astype(np.uint8), stage.path(mask_target))
-        rows = [[label_to_rgb(labels[i, 0]), to_rgb_tile(images[i])] for i in range(min(len(images), self.grid_size))]
-        save_grid(rows, stage.path(grid), column_labels=GRID_COLUMNS)
-        return _record(
-            images,
-            labels,
-            [foreground_fraction(m[0]) for m in masks],
-            [file_stem(p) for p in inputs],
-            [str(p) for p in inputs],
-            [-1] * len(inputs),
+    def finish(self, engine: Any) -> dict:  # noqa: D102
+        record = {key: np.concatenate([part[key] for part in self.parts]) for key in self.parts[0]}
+        record["diversity_index"], record["diversity_images"] = self._diversity(engine, record)
+        record["ablated_classes"] = np.asarray(self.ablated_classes, dtype=np.int64)
+        atomic_write(self.path(self.output_dir / RECORD_NAME), lambda tmp: _save_record(tmp, record))
+        save_grid(self.rows, self.path(self.output_dir / "grid.png"), column_labels=GRID_COLUMNS)
+        images = [self._outputs(name)[0] for name in self.files]
+        save_json(
+            {
+                "kind": self.kind,
+                "outputs": [t.relative_to(self.output_dir).as_posix() for t in images],
+                "ablated_classes": list(self.ablated_classes),
+                "record": RECORD_NAME,
+                "img_size": self.img_size,
+                "min_foreground_fraction": self.min_foreground_fraction,
+                "diversity_masks": len(record["diversity_index"]),
+                "samples_per_mask": self.samples_per_mask,
+            },
+            self.path(self.output_dir / "generation.json"),
         )
-
-    def _run_volumes(
-        self, inputs: list[Path], targets: list[Path], label_targets: list[Path], grid: Path, stage: StagedOutput
-    ) -> dict:
-        import SimpleITK as sitk
-
-        from meddiff.dicom import read_volume, write_like
-
-        volumes = []  # every label is read and checked before the first image is generated
-        for path in inputs:
-            reference = read_volume(path)
-            label = sitk.GetArrayFromImage(reference)
-            if label.ndim != 3:
-                raise DataError(f"label volume {path} has {label.ndim} dimensions: expected a 3D label map.")
-            volumes.append((reference, check_label(label, self.num_classes, str(path))))
-        rows, parts = [], []
-        for path, target, label_target, (reference, label) in zip(inputs, targets, label_targets, volumes):
-            slices = np.stack([resize_label(z[None], self.img_size) for z in label])
-            images = self._generate(slices, f"generating {path.name}")
-            volume = F.interpolate(torch.from_numpy(images), size=label.shape[1:], mode="bilinear")[:, 0].numpy()
-            write_like(((volume + 1.0) / 2.0).astype(np.float32), reference, stage.path(target))
-            atomic_write(stage.path(label_target), lambda tmp, src=path: shutil.copyfile(src, tmp))
-            middle = int(np.argmax([np.count_nonzero(s) for s in slices]))
-            rows.append([label_to_rgb(slices[middle, 0]), to_rgb_tile(images[middle])])
-            stem, depth = file_stem(path), len(label)
-            parts.append(
-                _record(
-                    images,
-                    slices,
-                    [foreground_fraction(z) for z in label],
-                    [f"{stem}_z{z:03d}" for z in range(depth)],
-                    [str(path)] * depth,
-                    list(range(depth)),
-                )
-            )
-        save_grid(rows[: self.grid_size], stage.path(grid), column_labels=GRID_COLUMNS)
-        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        return {"kind": self.kind, "outputs": [str(t) for t in images], "output_dir": str(self.output_dir)}
 
 
 def _record(images, labels, fractions, names, label_files, z) -> dict:

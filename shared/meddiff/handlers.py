@@ -3,8 +3,11 @@
 Conventions (`TrainingCheckpoint`):
 - ``<ckpt_dir>/<name>`` (``checkpoint.pt``) is the resumable checkpoint: every `save_dict` object's state, the engine's
   epoch and iteration, and the model's settings; ``<ckpt_dir>/<final_filename>`` (``model.pt``) is the final plain
-  state dict, with ``model.json`` beside it (`meddiff.io.save_trained_weights`);
-- a training that would replace final weights it cannot resume (no checkpoint, or ``resume`` false) is refused
+  state dict, with ``model.json`` beside it (`meddiff.io.save_trained_weights`); with validation,
+  ``<ckpt_dir>/<best_filename>`` (``model_best.pt`` + ``model_best.json``) holds the network of the best validation
+  so far (`BestModelCheckpoint`), and the checkpoint keeps that best value, so a resumed training replaces the best
+  weights only with better ones;
+- a training that would replace final or best weights it cannot resume (no checkpoint, or ``resume`` false) is refused
   before the first iteration unless ``overwrite``; a checkpoint that is unreadable, lacks an object of `save_dict`,
   does not fit the network or was written with other settings is refused, never silently skipped;
 - one training at a time per ``ckpt_dir``: rank 0 holds ``fcntl.flock`` on ``<ckpt_dir>/.lock`` (holding its pid)
@@ -25,12 +28,27 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
 
 from meddiff.errors import UserError
-from meddiff.io import clean_stale_temporaries, load_torch, save_torch, save_trained_weights, settings_mismatch
+from meddiff.io import (
+    clean_stale_temporaries,
+    load_torch,
+    save_torch,
+    save_trained_weights,
+    settings_file,
+    settings_mismatch,
+)
 from meddiff.options import parse
 
-__all__ = ["GradientClipping", "StopOnNonFiniteLoss", "TrainingCheckpoint", "is_main_process"]
+__all__ = [
+    "BestModelCheckpoint",
+    "GradientClipping",
+    "StopOnNonFiniteLoss",
+    "TrainedWeightsLoader",
+    "TrainingCheckpoint",
+    "is_main_process",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +110,9 @@ class TrainingCheckpoint:
     - On completion, the state dict of ``save_dict[final_key]`` is written atomically to
       ``<ckpt_dir>/<final_filename>`` (the bundle's ``models/model.pt``) with `settings` beside it in
       ``<final_filename without .pt>.json``.
+    - With `best_filename`, `save_best` (called by `BestModelCheckpoint` on the validation evaluator) writes the
+      network the same way to ``<ckpt_dir>/<best_filename>`` and records the best value and epoch, which the
+      checkpoint stores and a resumed run restores (checkpoints without them resume with no best yet).
 
     Args:
         ckpt_dir: the folder of the checkpoint and the final weights (``<bundle_root>/models``).
@@ -104,6 +125,8 @@ class TrainingCheckpoint:
         overwrite: allow replacing final weights or a checkpoint that this run does not resume (``--overwrite``).
         settings: the settings the network is built and trained with (img_size, num_classes, channels, ...), stored
             with the weights and compared on resume and by `meddiff.io.load_trained_weights`.
+        best_filename: the best validated weights' file name (``model_best.pt``); None when the training has no
+            validation.
     """
 
     def __init__(
@@ -117,12 +140,15 @@ class TrainingCheckpoint:
         resume: bool = True,
         overwrite: bool = False,
         settings: dict | None = None,
+        best_filename: str | None = None,
     ) -> None:
         self.ckpt_dir, self.save_dict, self.name = Path(ckpt_dir), save_dict, name
-        self.final_key, self.final_filename = final_key, final_filename
+        self.final_key, self.final_filename, self.best_filename = final_key, final_filename, best_filename
         self.save_interval = max(1, int(save_interval))
         self.resume, self.overwrite = parse("resume", resume), parse("overwrite", overwrite)
         self.settings = dict(settings) if settings is not None else None
+        self.best_metric: float | None = None
+        self.best_epoch = -1
 
     @property
     def path(self) -> Path:
@@ -133,6 +159,11 @@ class TrainingCheckpoint:
     def final_path(self) -> Path:
         """Where the final weights go."""
         return self.ckpt_dir / self.final_filename
+
+    @property
+    def best_path(self) -> Path | None:
+        """Where the best validated weights go (None without `best_filename`)."""
+        return self.ckpt_dir / self.best_filename if self.best_filename else None
 
     @property
     def lock_file(self) -> Path:
@@ -160,6 +191,12 @@ class TrainingCheckpoint:
         except BaseException:
             self.release()
             raise
+        resumed = self.resume and self.path.is_file()
+        if not resumed and self.best_path is not None and self.best_path.is_file() and is_main_process():
+            # --overwrite: a training from scratch must not leave an earlier training's best weights beside its own
+            for stale in (self.best_path, settings_file(self.best_path)):
+                stale.unlink(missing_ok=True)
+            logger.info(f"removed {self.best_path} of the earlier training (--overwrite true)")
 
     def check_replacing(self) -> None:
         """Unless `overwrite`, refuse to replace final weights or a checkpoint that this run does not resume."""
@@ -170,11 +207,12 @@ class TrainingCheckpoint:
                 f"{self.path} exists and --resume is false: pass --resume true to continue it, choose another "
                 "bundle_root, or pass --overwrite true to train from scratch over it."
             )
-        if self.final_path.is_file() and not self.path.is_file():
-            raise UserError(
-                f"{self.final_path} exists but no {self.name} to resume from: move it away, choose another "
-                "bundle_root, or pass --overwrite true."
-            )
+        for final in (self.final_path, self.best_path):
+            if final is not None and final.is_file() and not self.path.is_file():
+                raise UserError(
+                    f"{final} exists but no {self.name} to resume from: move it away, choose another "
+                    "bundle_root, or pass --overwrite true."
+                )
 
     def load(self, engine: Engine) -> None:
         """Restore objects and the engine's progress from the checkpoint, if there is one (and `resume` is true)."""
@@ -207,6 +245,8 @@ class TrainingCheckpoint:
                 ) from err
         engine.state.epoch = int(state.get("epoch", 0))
         engine.state.iteration = int(state.get("iteration", 0))
+        if state.get("best_metric") is not None:
+            self.best_metric, self.best_epoch = float(state["best_metric"]), int(state.get("best_epoch", -1))
         logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}")
         if engine.state.epoch >= engine.state.max_epochs:
             logger.info(f"{self.path} already reached max_epochs={engine.state.max_epochs}; raise it to train on.")
@@ -228,6 +268,8 @@ class TrainingCheckpoint:
         state = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items() if key != self.final_key}
         state[self.final_key] = self._network_state()
         state.update(epoch=engine.state.epoch, iteration=engine.state.iteration)
+        if self.best_metric is not None:
+            state.update(best_metric=self.best_metric, best_epoch=self.best_epoch)
         if self.settings is not None:
             state["settings"] = self.settings
         save_torch(state, self.path)
@@ -237,6 +279,15 @@ class TrainingCheckpoint:
         if is_main_process():
             save_trained_weights(self._network_state(), self.final_path, self.settings)
 
+    def save_best(self, metric: float, epoch: int) -> None:
+        """Record `metric` (of `epoch`) as the best validation so far and write the network to `best_path` (rank 0)."""
+        if self.best_path is None:
+            raise ValueError("TrainingCheckpoint.save_best needs best_filename (e.g. 'model_best.pt') in the config.")
+        self.best_metric, self.best_epoch = float(metric), int(epoch)
+        if is_main_process():
+            save_trained_weights(self._network_state(), self.best_path, self.settings)
+            logger.info(f"epoch {epoch}: best validation so far ({metric:.6g}), written to {self.best_path}")
+
     def release(self, engine: Engine | None = None) -> None:
         """Give up the lock on `ckpt_dir` (idempotent)."""
         _release(self.lock_file)
@@ -245,6 +296,46 @@ class TrainingCheckpoint:
         # Ignite swallows the exception once an EXCEPTION_RAISED handler exists, so hand it on
         self.release()
         raise error
+
+
+class BestModelCheckpoint:
+    """Keep the network of the best validation: on the evaluator, write it through `TrainingCheckpoint.save_best`.
+
+    After each validation, when the evaluator's key metric is a new best by the evaluator's own rule
+    (``metric_cmp_fn``; a loss passes `meddiff.validation.lower_is_better`), the network is written atomically to
+    the training's ``<ckpt_dir>/<best_filename>`` (``models/model_best.pt`` with ``model_best.json``, through
+    `meddiff.io.save_trained_weights`). The best value so far lives in the training checkpoint: at its first run the
+    evaluator starts from it, so a resumed training compares with the best before the interruption. Attach it to the
+    validation evaluator (``validate#handlers``); the training's `TrainingCheckpoint` refuses, before the first
+    iteration, to replace best weights that the run does not resume (unless ``overwrite``).
+
+    Args:
+        checkpoint: the training's `TrainingCheckpoint` (e.g. ``@train#handlers#6``), with ``best_filename`` set.
+    """
+
+    def __init__(self, checkpoint: TrainingCheckpoint) -> None:
+        if not isinstance(checkpoint, TrainingCheckpoint) or checkpoint.best_path is None:
+            raise TypeError(
+                "BestModelCheckpoint needs the training's TrainingCheckpoint with best_filename set; got "
+                f"{type(checkpoint).__name__}: point `checkpoint` at that handler in train#handlers."
+            )
+        self.checkpoint = checkpoint
+
+    def attach(self, engine: Engine) -> None:
+        """Restore the best so far when the evaluator starts; save after each validation epoch."""
+        engine.add_event_handler(Events.STARTED, self.restore)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def restore(self, engine: Engine) -> None:
+        """Hand the evaluator the best value so far from the checkpoint (once, before its first comparison)."""
+        if self.checkpoint.best_metric is not None and engine.state.best_metric_epoch == -1:
+            engine.state.best_metric = self.checkpoint.best_metric
+            engine.state.best_metric_epoch = self.checkpoint.best_epoch
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if engine.state.best_metric_epoch == epoch and self.checkpoint.best_epoch != epoch:
+            self.checkpoint.save_best(engine.state.best_metric, epoch)
 
 
 def _loss_of(output: Any) -> Any:
@@ -314,3 +405,26 @@ class GradientClipping:
         if engine.scaler is not None:  # fp16: unscale first so the norm is in true units
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class TrainedWeightsLoader(CheckpointLoader):
+    """MONAI's `CheckpointLoader` for meddiff weights: settings checked, ``weights_only=True``, one-line errors.
+
+    At ``Events.STARTED`` it loads `load_path` into `network` through `meddiff.io.load_trained_weights`, which first
+    compares `settings` with those stored beside the weights (``model.json``) and names the flags that select the
+    trained ones when they differ.
+
+    Args:
+        load_path: the weights file (``models/model.pt``).
+        network: the network to load into.
+        settings: the settings this run builds the network with.
+    """
+
+    def __init__(self, load_path: str, network: torch.nn.Module, settings: dict | None = None) -> None:
+        super().__init__(load_path=load_path, load_dict={"model": network}, map_location="cpu")
+        self.network, self.settings = network, dict(settings or {})
+
+    def __call__(self, engine: Engine) -> None:
+        from meddiff.io import load_trained_weights
+
+        load_trained_weights(self.network, self.load_path, self.settings)

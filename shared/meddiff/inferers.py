@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import DiffusionInferer, Inferer
 
 from meddiff.conditioning import Conditioning
@@ -150,9 +151,9 @@ class SamplingInferer(Inferer):
 
     def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Run `run` on the network cast for inference, under ``no_grad``, with the seeded generator."""
-        inputs = torch.as_tensor(inputs)
         net = cast_for_inference(network, self.precision, self.channels_last)
         net = getattr(net, "module", net).eval()
+        inputs = torch.as_tensor(inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs)
         generator = make_generator(kwargs.pop("seed", self.seed), inputs.device)
         with torch.no_grad():
             return self.run(inputs, net, self.make_scheduler(), generator, **kwargs)
@@ -169,11 +170,17 @@ class SamplingInferer(Inferer):
         raise NotImplementedError(f"{type(self).__name__} does not implement run().")
 
 
+def _offset(seed: int | None, offset: int) -> int | None:
+    return None if seed is None else seed + offset
+
+
 class ConditionedSamplingInferer(SamplingInferer):
     """Images generated from a condition: `inputs` is the condition, e.g. an encoded mask (B, C_cond, H, W).
 
     The result is (B, out_channels, H, W) clipped to [-1, 1]. Few-step DDIM is the interactive default; ``ddpm``
-    with 1000 steps is the original methods' way.
+    with 1000 steps is the original methods' way. A stack of slices (B, C_cond, Z, H, W), a label volume cut
+    row-major (`meddiff.data.inference.RowMajord`), is generated slice by slice, `slice_batch_size` slices at a
+    time, the batch starting at slice z seeded ``seed + z``; the result is (B, out_channels, Z, H, W).
 
     Args:
         out_channels: channels of the generated image.
@@ -181,6 +188,7 @@ class ConditionedSamplingInferer(SamplingInferer):
         guidance_scale: classifier-free guidance scale s (1: plain conditional sampling; see
             `meddiff.sampling.guidance`).
         eps_channels: with learned sigma, the first `eps_channels` output channels are the noise prediction.
+        slice_batch_size: slices of a volume sampled at once.
         kwargs: the `SamplingInferer` settings.
     """
 
@@ -190,11 +198,27 @@ class ConditionedSamplingInferer(SamplingInferer):
         conditioning: str = "concat",
         guidance_scale: float = 1.0,
         eps_channels: int | None = None,
+        slice_batch_size: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.out_channels, self.conditioning = out_channels, _conditioning(conditioning, self.channels_last)
         self.guidance_scale, self.eps_channels = parse("guidance_scale", guidance_scale), eps_channels
+        self.slice_batch_size = parse("batch_size", slice_batch_size)
+
+    def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if inputs.ndim != 5:
+            return super().__call__(inputs, network, *args, **kwargs)
+        seed = kwargs.pop("seed", self.seed)
+        slices = torch.as_tensor(inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs)
+        slices = slices.permute(0, 2, 1, 3, 4)  # (B, Z, C, H, W)
+        volumes, step = [], self.slice_batch_size
+        for volume in slices:
+            parts = []
+            for z in range(0, len(volume), step):
+                parts.append(super().__call__(volume[z : z + step], network, *args, seed=_offset(seed, z), **kwargs))
+            volumes.append(torch.cat(parts).permute(1, 0, 2, 3))
+        return torch.stack(volumes)
 
     def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
         condition = inputs.to(next(network.parameters()).dtype) if inputs.is_floating_point() else inputs

@@ -176,9 +176,15 @@ def to_uint8(image: np.ndarray | torch.Tensor, value_range: tuple[float, float] 
     return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a (H,W), (H,W,3) or channel-first (C,H,W) uint8 array as PNG atomically."""
+def save_png(
+    array: np.ndarray, path: str | os.PathLike, overwrite: bool = False, *, provenance: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a (H,W), (H,W,3) or channel-first (C,H,W) uint8 array as PNG atomically.
+
+    A `provenance` record (`meddiff.provenance.make_provenance`) is stored as an iTXt chunk ``meddiff:provenance``.
+    """
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
@@ -187,7 +193,13 @@ def save_png(array: np.ndarray, path: str | os.PathLike, overwrite: bool = False
         array = array[..., 0]
     if array.dtype != np.uint8:
         raise ValueError(f"save_png expects uint8, got {array.dtype} for {path}")
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), overwrite)
+    info = None
+    if provenance is not None:
+        from meddiff.provenance import PNG_KEY, provenance_json
+
+        info = PngInfo()
+        info.add_itxt(PNG_KEY, provenance_json(provenance))
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
@@ -457,6 +469,17 @@ def trained_setting(weights_file: str | os.PathLike, name: str, value: Any = Non
             f"the weights {weights_file} were trained with."
         )
     return stored[name]
+
+
+def trained_or(weights_file: str | os.PathLike, name: str, default: Any) -> Any:
+    """The setting `name` stored with the weights when they record it, else `default`.
+
+    An inference config's architecture keys default to this, so the settings the weights were trained with travel
+    with them: a server that reads only ``inference.json`` (MONAI Label) builds the network the weights fit. A value
+    given on the command line replaces the expression and is checked against the stored one when the weights load.
+    """
+    value = trained_settings(weights_file).get(name)
+    return default if value is None else value
 
 
 def _flag_value(value: Any) -> str:

@@ -228,11 +228,11 @@ def find_pairs(
         _check_pairing(list_files(images_dir, VOLUME_SUFFIXES), labels, images_dir, labels_dir, ("image", "label"))
         return [{"image": str(images_dir / p.name), "label": str(p), "name": file_stem(p)} for p in labels]
     if layout == "dicom":
-        return _dicom_pairs(Path(dataset_dir), split)
+        return dicom_pairs(Path(dataset_dir), split)
     raise DataError(f"unknown layout {layout!r}: use png, pairs, msd or dicom.")
 
 
-def _dicom_pairs(root: Path, split: str) -> list[dict]:
+def dicom_pairs(root: Path, split: str) -> list[dict]:
     tag = _split_tag(split, "dicom", root)
     datalist = root / "datalist.json"
     if datalist.is_file():

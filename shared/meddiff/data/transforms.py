@@ -16,6 +16,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
 ABSENT_VALUE = -1.0
@@ -26,11 +27,13 @@ __all__ = ["ABSENT_VALUE", "EncodeMaskd", "RandClassAblationd", "decode_mask", "
 def encode_mask(
     label: np.ndarray | torch.Tensor, num_classes: int, ablated_classes: Iterable[int] = ()
 ) -> torch.Tensor:
-    """Encode an integer mask (1,H,W) or (H,W) with classes 0..num_classes-1 as (num_classes-1,H,W) float channels."""
+    """Encode an integer mask (H,W) or (1, *spatial) with classes 0..num_classes-1 as (num_classes-1, *spatial)."""
     label_t = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label)
-    if label_t.ndim == 3:
+    if label_t.ndim >= 3:
+        if label_t.shape[0] != 1:
+            raise ValueError(f"a mask to encode has one channel; got shape {tuple(label_t.shape)}.")
         label_t = label_t[0]
-    classes = torch.arange(1, num_classes, device=label_t.device).view(-1, 1, 1)
+    classes = torch.arange(1, num_classes, device=label_t.device).view(-1, *([1] * label_t.ndim))
     encoded = (label_t.long().unsqueeze(0) == classes).float()
     for k in ablated_classes:
         if not 1 <= int(k) < num_classes:
@@ -63,7 +66,11 @@ class EncodeMaskd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[self.output_key] = encode_mask(d[key], self.num_classes, self.ablated_classes)
+            encoded = encode_mask(d[key], self.num_classes, self.ablated_classes)
+            if isinstance(d[key], MetaTensor):  # keeps the mask's metadata and transforms, for Invertd
+                encoded = MetaTensor(encoded)
+                encoded.copy_meta_from(d[key])
+            d[self.output_key] = encoded
         return d
 
 
