@@ -30,6 +30,7 @@ from meddiff.data.lidc import (
     read_binary_mask,
     window_to_uint8,
 )
+from meddiff.data.readers import read_image
 from meddiff.data.slices import resize_image, resize_label
 from meddiff.errors import OptionError
 from meddiff.inferers import EnsembleSamplingInferer
@@ -67,7 +68,7 @@ def _write_ensemble(samples: np.ndarray, folder: Path, place: Callable[[Path], P
 def ensemble_datalist(
     dataset_dir: str, split: str = "testing", num_raters: int = 4, seed: int = 0, max_items: int | None = None
 ) -> list[dict]:
-    """The inference dataset's items, one per case of a split in the seed's layout.
+    """The inference dataset's items, one per case of a split in the seed's layout, every file read and checked.
 
     Each is ``{"image": the CT crop's file, "name": the case, "seed": seed + i}`` (case i is sampled with its
     own seed); the raters' masks stay with `EnsembleWriter`, which draws them in the grid.
@@ -76,6 +77,15 @@ def ensemble_datalist(
     cases = cases[: parse("max_items", max_items)] if max_items else cases
     if not cases:
         raise DataError(f"{dataset_dir} has no {split} cases: check --dataset_dir and --split.")
+    for case in cases:  # every file is read and checked before the first ensemble is sampled
+        image = read_image(case["image"])
+        if image.mode.startswith("I") or image.mode.startswith("F"):
+            raise DataError(
+                f"image {case['image']} has {image.mode} pixels: inference reads 8-bit crops (0..255, the HU window); "
+                "save it as an 8-bit PNG or JPEG."
+            )
+        for rater in case["label"]:
+            read_binary_mask(rater)
     seed = parse("seed", seed)
     return [{"image": str(c["image"]), "name": c["name"], "seed": seed + i} for i, c in enumerate(cases)]
 
