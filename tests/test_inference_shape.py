@@ -17,6 +17,7 @@ from bundle_helpers import LIDC, MRI, inference_parser, parsed, run_inference
 from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
+from meddiff.data.errors import DataError
 from meddiff.data.inference import EnsembleSummaryd, FileKindd, GreyscaleChanneld
 from meddiff.inferers import ConditionedSamplingInferer
 from meddiff.io import save_trained_weights
@@ -185,3 +186,12 @@ def test_metadata_label_names_read_right_in_a_viewer() -> None:
         names = next(iter(outputs.values())).get("channel_def", {})
         assert names.get("0") in (None, "background"), names
         assert "image" not in names.values(), names
+
+
+def test_a_broken_crop_is_refused_before_sampling(tmp_path: Path) -> None:
+    data, _ = lidc_case(tmp_path / "data")
+    (data / "testing" / "0" / "image_0.png").write_bytes(b"not an image")
+    inferer = ThresholdMembers()
+    with pytest.raises(DataError, match=r"image_0.png is not a readable PNG"):
+        run_inference(LIDC, tmp_path, {"inferer": inferer, "network": NET}, dataset_dir=str(data), img_size=20)
+    assert not (tmp_path / "eval").exists()
