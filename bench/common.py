@@ -110,10 +110,14 @@ def bundle_network(configs: Path, bundle_root: Path | None, settings: dict):  # 
     """A bundle's inference network on the CPU, with the weights trained under `bundle_root` (random if None)."""
     from monai.bundle import ConfigParser
 
+    from meddiff.io import load_trained_weights
+
     parser = ConfigParser()
     parser.read_config(str(configs / "inference.json"))
     parser.update({"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", **settings})
     network = parser.get_parsed_content("network")
     if bundle_root is not None:
-        parser.get_parsed_content("load_weights")
+        load_trained_weights(
+            network, parser.get_parsed_content("weights_file"), parser.get_parsed_content("model_settings")
+        )
     return network.eval()

@@ -32,9 +32,11 @@ TINY = {
 }
 
 
-def train(root: Path, **overrides) -> None:
-    """Run the bundle's training with tiny settings into `root`."""
+def train(root: Path, segmenter: bool = True, **overrides) -> None:
+    """Run the bundle's trainings with tiny settings into `root`: the diffusion model, then (if asked) the segmenter."""
     run_bundle(BUNDLE, "training", ["train.json"], bundle_root=str(root), **{**TINY, **overrides})
+    if segmenter:
+        run_bundle(BUNDLE, "training", ["train_segmenter.json"], bundle_root=str(root), **{**TINY, **overrides})
 
 
 def infer(root: Path, **overrides) -> None:
@@ -58,8 +60,10 @@ def check_metrics(metrics: dict) -> None:
 
 
 def test_nifti_workflow_writes_volumes_with_label_geometry(tmp_path: Path, phantom_dir: Path) -> None:
-    train(tmp_path, dataset_dir=str(phantom_dir), use_ablated_segmentations=True)
+    train(tmp_path, segmenter=False, dataset_dir=str(phantom_dir), use_ablated_segmentations=True)
     models = tmp_path / "models"
+    assert not any(p.name.startswith("segmenter") for p in models.iterdir())  # one trained model per train config
+    train(tmp_path, dataset_dir=str(phantom_dir), use_ablated_segmentations=True)  # resumes, then the segmenter
     assert {"model.pt", "checkpoint.pt", "segmenter.pt", "segmenter_checkpoint.pt"} <= {
         p.name for p in models.iterdir()
     }
@@ -139,7 +143,7 @@ def write_dicom_layout(phantom_dir: Path, root: Path) -> Path:
 
 def test_dicom_layout_training(tmp_path: Path, phantom_dir: Path) -> None:
     data = write_dicom_layout(phantom_dir, tmp_path / "dicom")
-    train(tmp_path, dataset_dir=str(data), segmenter_epochs=1)
+    train(tmp_path, segmenter=False, dataset_dir=str(data))
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
@@ -168,10 +172,10 @@ def test_real_dicom_slices_through_dicom_path(tmp_path: Path) -> None:
 
 
 def test_training_resumes_from_checkpoint(tmp_path: Path, phantom_dir: Path) -> None:
-    train(tmp_path, dataset_dir=str(phantom_dir), segmenter_epochs=1)
+    train(tmp_path, segmenter=False, dataset_dir=str(phantom_dir))
     first = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert first["epoch"] == 1
-    train(tmp_path, dataset_dir=str(phantom_dir), num_epochs=2, segmenter_epochs=1)
+    train(tmp_path, segmenter=False, dataset_dir=str(phantom_dir), num_epochs=2)
     second = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert second["epoch"] == 2 and second["iteration"] == 2 * first["iteration"]
     changed = [not torch.equal(first["model"][k], second["model"][k]) for k in first["model"]]
@@ -180,7 +184,7 @@ def test_training_resumes_from_checkpoint(tmp_path: Path, phantom_dir: Path) -> 
 
 @pytest.mark.slow
 def test_multi_gpu_overlay_under_torchrun(tmp_path: Path, phantom_dir: Path) -> None:
-    overrides = [f"--{k} {json.dumps(v).replace(' ', '')}" for k, v in {**TINY, "segmenter_epochs": 1}.items()]
+    overrides = [f"--{k} {json.dumps(v).replace(' ', '')}" for k, v in {**TINY, "val_interval": 1}.items()]
     configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/multi_gpu_train.json']"
     torchrun = Path(sys.executable).parent / "torchrun"
     command = (
@@ -192,5 +196,7 @@ def test_multi_gpu_overlay_under_torchrun(tmp_path: Path, phantom_dir: Path) -> 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_best.pt").is_file()
     assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # both ranks validate; only rank 0 logs it (the overlay's _disabled_ on the other ranks)
+    assert (result.stdout + result.stderr).count("Metrics -- val_loss") == 1

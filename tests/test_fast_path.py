@@ -27,14 +27,15 @@ MEAN_ABS_TOLERANCE = 0.05
 def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> tuple[Path, list[dict]]:
     """A tiny model trained for a few epochs through the bundle, and the test slices."""
     root = tmp_path_factory.mktemp("fast_path")
-    run_bundle(
-        BUNDLE,
-        "training",
-        ["train.json"],
-        bundle_root=str(root),
-        dataset_dir=str(phantom_dir),
-        **{**TINY, "num_epochs": 4, "segmenter_epochs": 4, "learning_rate": 0.001},
-    )
+    for config in ("train.json", "train_segmenter.json"):
+        run_bundle(
+            BUNDLE,
+            "training",
+            [config],
+            bundle_root=str(root),
+            dataset_dir=str(phantom_dir),
+            **{**TINY, "num_epochs": 4, "segmenter_epochs": 4, "learning_rate": 0.001},
+        )
     slices = load_slices("msd", dataset_dir=str(phantom_dir), split="test", num_classes=4, img_size=16, progress=False)
     return root, slices
 

@@ -195,3 +195,35 @@ def test_a_broken_crop_is_refused_before_sampling(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"image_0.png is not a readable PNG"):
         run_inference(LIDC, tmp_path, {"inferer": inferer, "network": NET}, dataset_dir=str(data), img_size=20)
     assert not (tmp_path / "eval").exists()
+
+
+def test_mri_dicom_layout_writes_a_synthetic_series_per_case(tmp_path: Path, phantom_dir: Path) -> None:
+    import pydicom
+    import SimpleITK as sitk
+    from dicom_helpers import dciodvfy_errors
+    from test_breast_mri_bundle import write_dicom_layout
+
+    from meddiff.dicom import read_series
+
+    data = write_dicom_layout(phantom_dir, tmp_path / "dicom")
+    out = tmp_path / "out"
+    record = make_provenance("stand-in", "0.0", settings={"img_size": 16}, seed=0)
+    run_inference(
+        MRI, tmp_path, {"inferer": PaintClassOne(), "network": NET, "provenance": record}, output_dir=str(out),
+        dataset_dir=str(data), split="train", num_classes=4, img_size=32, diversity_masks=0,
+    )  # fmt: skip
+    cases = sorted(p.name for p in data.iterdir())
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"{c}.nrrd" for c in cases]
+    for case in cases:
+        files = sorted((out / "dicom" / case).iterdir())
+        source = sorted((data / case / "image").iterdir())
+        assert len(files) == len(source)
+        ds = pydicom.dcmread(files[0])
+        assert ds.SyntheticData == "YES" and ds.Modality == "MR" and "DERIVED" in ds.ImageType
+        assert ds.StudyInstanceUID == pydicom.dcmread(source[0]).StudyInstanceUID
+        assert read_provenance(files[0]) == {**record, "seed": 0}
+        generated = sitk.GetArrayFromImage(read_series(out / "dicom" / case))  # (Z, Y, X) by slice position
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(data / case / "label.nrrd")))
+        assert generated.shape == label.shape
+        assert np.array_equal(generated > generated.max() / 2, label == 1)  # same size: exact, slice order too
+    assert dciodvfy_errors(files[0]) == []

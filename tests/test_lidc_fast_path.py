@@ -12,6 +12,7 @@ from test_lidc_workflow import BUNDLE, CONFIGS, REAL_CROPS, TINY, run_bundle
 
 from meddiff.data.lidc import load_lidc_cases
 from meddiff.inferers import EnsembleSamplingInferer
+from meddiff.io import load_trained_weights
 from meddiff.metrics import generalized_energy_distance
 
 # Stated tolerance: on the same weights, images and seeds, the bf16 + channels_last ensemble's mean GED may differ
@@ -26,7 +27,9 @@ def test_bf16_ged_within_fp32_noise_on_real_crops(tmp_path: Path) -> None:
     parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "demo.json")])
     parser.update({"bundle_root": str(tmp_path), "device": "$torch.device('cpu')", **TINY})
     network = parser.get_parsed_content("network")
-    parser.get_parsed_content("load_weights")
+    load_trained_weights(
+        network, parser.get_parsed_content("weights_file"), parser.get_parsed_content("model_settings")
+    )
     cases = load_lidc_cases(REAL_CROPS, "testing", 32, progress=False)[:4]
     images = torch.from_numpy(np.stack([c["image"] for c in cases]))
 

@@ -185,8 +185,12 @@ def test_monai_label_contract(tmp_path):
     assert data["image"][0, 10, 25] > data["image"][0, 25, 10]
     network = parser.get_parsed_content("network_def")
     with torch.no_grad():
-        pred = parser.get_parsed_content("inferer")(data["image"][None], network)
-    assert pred.shape == (1, 1, 32, 32) and 0.0 <= pred.min() and pred.max() <= 1.0
+        members = parser.get_parsed_content("inferer")(data["image"][None], network)
+    assert members.shape == (1, 2, 32, 32) and set(members.unique().tolist()) <= {0.0, 1.0}
+    out = parser.get_parsed_content("postprocessing")({"image": data["image"], "pred": members[0]})
+    # the frequency map of 2 members on the crop's own grid, in MONAI's (X, Y) order, 8-bit for a PNG crop
+    assert out["pred"].shape == (48, 40) and out["pred"].dtype == torch.uint8
+    assert set(out["pred"].unique().tolist()) <= {0, 128, 255}
 
 
 def test_dicom_clinical_path(tmp_path):

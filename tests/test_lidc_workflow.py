@@ -157,6 +157,8 @@ def test_multi_gpu_overlay_torchrun_cpu(tmp_path):
         "1",
         "--batch_size",
         "2",
+        "--val_interval",
+        "1",
         *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -165,3 +167,6 @@ def test_multi_gpu_overlay_torchrun_cpu(tmp_path):
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped, loadable by inference.json
     assert torch.load(root / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (root / "models" / "model_best.pt").is_file()
+    # both ranks validate; only rank 0 logs it (the overlay's _disabled_ on the other ranks)
+    assert (result.stdout + result.stderr).count("Metrics -- val_loss") == 1

@@ -36,6 +36,8 @@ _SUBMODULES = {
     "features",
     "latent",
     "losses",
+    "provenance",
+    "validation",
 }
 
 

@@ -158,7 +158,9 @@ def run_demo(
             "logging_file": str(QUIET_LOGGING),
             **overrides,
         }
-        run_bundle(bundle_dir, "training", ["train.json", "demo.json"], **settings)
+        extra_trainings = sorted(p.name for p in (bundle_dir / "configs").glob("train_*.json"))  # one model each
+        for train_config in ["train.json", *extra_trainings]:
+            run_bundle(bundle_dir, "training", [train_config, "demo.json"], **settings)
         run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **settings)
         run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **settings)
         metrics = json.loads((staging / "metrics.json").read_text())

@@ -213,7 +213,8 @@ class GenerationWriter(StagedWriter):
         source = self.files[name]
         if self.kind == "png":
             return self.output_dir / "images" / f"{name}.png", self.output_dir / "masks" / f"{name}.png"
-        return self.output_dir / "imagesTs" / source.name, self.output_dir / "labelsTs" / source.name
+        named = name + source.name[len(file_stem(source)) :]  # the case's name (DICOM layout) with the file's suffix
+        return self.output_dir / "imagesTs" / named, self.output_dir / "labelsTs" / named
 
     def targets(self) -> tuple[list[Path], list]:  # noqa: D102
         pairs = [self._outputs(name) for name in self.files]

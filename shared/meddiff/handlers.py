@@ -199,7 +199,7 @@ class TrainingCheckpoint:
             logger.info(f"removed {self.best_path} of the earlier training (--overwrite true)")
 
     def check_replacing(self) -> None:
-        """Unless `overwrite`, refuse to replace final weights or a checkpoint that this run does not resume."""
+        """Unless `overwrite`, refuse to replace final or best weights or a checkpoint this run does not resume."""
         if self.overwrite:
             return
         if self.path.is_file() and not self.resume:

@@ -164,6 +164,11 @@ RULES: dict[str, Rule] = {
     "batch_size": _POSITIVE_INT,
     "num_epochs": _POSITIVE_INT,
     "segmenter_epochs": _POSITIVE_INT,
+    "val_fraction": Rule(
+        "float", low=0.0, high=1.0, high_open=True, hint="the fraction of training cases held out; 0 for no validation"
+    ),
+    "val_interval": Rule("int", low=1, hint="epochs between two validations"),
+    "num_val_timesteps": Rule("int", low=1, hint="timesteps each held-out item is scored at"),
     "learning_rate": Rule("float", low=0.0, high=1.0, low_open=True),
     "lr_warmup_steps": _COUNT,
     "weight_decay": Rule("float", low=0.0, high=1.0),
