@@ -483,3 +483,20 @@ def test_dense_vessel_values_without_header():
     values[0, 2, 2] = 5
     with pytest.raises(ValueError, match=r"values \[5\]"):
         duke.dense_vessel_labels(sitk.GetImageFromArray(values), "dv.nrrd")
+
+
+def test_seg_carries_the_provenance_record_and_still_passes_dciodvfy(tmp_path):
+    from meddiff.provenance import make_provenance, read_provenance
+
+    source = tmp_path / "source"
+    write_series(source, _ramp())
+    nodule = np.zeros((4, 8, 8), dtype=bool)
+    nodule[1:3, 2:5, 3:6] = True
+    record = make_provenance("lidc_ambiguous_segmentation", "0.3.0", settings={"num_samples": 8}, seed=4)
+    out = write_seg(
+        {"nodule": nodule}, source, tmp_path / "seg.dcm", algorithm_name="a", algorithm_version="1",
+        series_description="s", provenance=record,
+    )  # fmt: skip
+    assert read_provenance(out) == record
+    errors, _ = dciodvfy_report(out)
+    assert errors == []

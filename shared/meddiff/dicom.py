@@ -380,11 +380,13 @@ def write_seg(
     manufacturer: str = "meddiff",
     segment_codes: tuple[Code, Code] | Mapping[str, tuple[Code, Code]] | None = None,
     series_number: int = 900,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a BINARY DICOM SEG (one segment per entry) referencing the series in `source_folder`; never overwrites.
 
     Each mask is (Z, Y, X) with Z in the order of `sorted_source_datasets(source_folder)`. `segment_codes` is a
-    (category, type) pair for all segments, or a dict label -> pair; the default is `TISSUE_CODES`.
+    (category, type) pair for all segments, or a dict label -> pair; the default is `TISSUE_CODES`. A `provenance`
+    record (`meddiff.provenance`) goes into the private element that synthetic series carry it in.
     """
     import highdicom as hd
 
@@ -437,6 +439,8 @@ def write_seg(
         device_serial_number="0",
         series_description=series_description,
     )
+    if provenance is not None:
+        _add_provenance(seg, provenance)
     return atomic_write(output_path, lambda tmp: pydicom.dcmwrite(tmp, seg, enforce_file_format=True), overwrite=False)
 
 
@@ -598,11 +602,7 @@ def write_synthetic_series(
     from meddiff import __version__
     from meddiff.io import OutputExistsError, make_staging_dir
     from meddiff.provenance import (
-        DICOM_PRIVATE_CREATOR,
-        DICOM_PRIVATE_ELEMENT,
-        DICOM_PRIVATE_GROUP,
         check_provenance,
-        provenance_json,
         provenance_summary,
     )
 
@@ -738,8 +738,7 @@ def write_synthetic_series(
             ds.ScanOptions, ds.MRAcquisitionType = "", ""
             ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "", "", ""
         ds.PixelData = pixels[k].astype("<u2").tobytes()
-        block = ds.private_block(DICOM_PRIVATE_GROUP, DICOM_PRIVATE_CREATOR, create=True)
-        block.add_new(DICOM_PRIVATE_ELEMENT, "UT", provenance_json(record))
+        _add_provenance(ds, record)
         ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -761,6 +760,20 @@ def write_synthetic_series(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return [output_folder / name for name in names]
+
+
+def _add_provenance(ds: pydicom.Dataset, record: Mapping[str, Any]) -> None:
+    """Put the whole provenance record into the private element `meddiff.provenance` reads it from."""
+    from meddiff.provenance import (
+        DICOM_PRIVATE_CREATOR,
+        DICOM_PRIVATE_ELEMENT,
+        DICOM_PRIVATE_GROUP,
+        check_provenance,
+        provenance_json,
+    )
+
+    block = ds.private_block(DICOM_PRIVATE_GROUP, DICOM_PRIVATE_CREATOR, create=True)
+    block.add_new(DICOM_PRIVATE_ELEMENT, "UT", provenance_json(check_provenance(dict(record))))
 
 
 def write_like(

@@ -172,7 +172,7 @@ class EnsembleWriter(StagedWriter):
         if self.rows:
             labels = ["image", *(f"rater {r + 1}" for r in range(self.num_raters))]
             labels += [*(f"member {k + 1}" for k in range(n)), "frequency"]
-            save_grid(self.rows, self.path(self.grid_file), column_labels=labels)
+            save_grid(self.rows, self.path(self.grid_file), column_labels=labels, provenance=self.provenance)
         manifest = {
             "cases": self.names,
             "dataset_dir": str(self.dataset_dir),
@@ -406,6 +406,7 @@ class DicomNoduleEnsembles:
                 algorithm_version=__version__,
                 series_description=f"CIMD nodule {j} ({self.inferer.num_samples} samples)",
                 segment_codes=NODULE_CODES,
+                provenance=record,
             )
             records.append(
                 {"nodule": j, "centre": list(self.centres[j]), "index": [col, row, k], "folder": str(folder)}

@@ -303,7 +303,8 @@ class GenerationWriter(StagedWriter):
         record["diversity_index"], record["diversity_images"] = self._diversity(engine, record)
         record["ablated_classes"] = np.asarray(self.ablated_classes, dtype=np.int64)
         atomic_write(self.path(self.output_dir / RECORD_NAME), lambda tmp: _save_record(tmp, record))
-        save_grid(self.rows, self.path(self.output_dir / "grid.png"), column_labels=GRID_COLUMNS)
+        grid = self.path(self.output_dir / "grid.png")
+        save_grid(self.rows, grid, column_labels=GRID_COLUMNS, provenance=self.provenance)
         images = [self._outputs(name)[0] for name in self.files]
         save_json(
             {

@@ -67,6 +67,7 @@ def save_grid(
     column_labels: Sequence[str] | None = None,
     min_tile: int = 128,
     pad: int = 2,
+    provenance: dict | None = None,
 ) -> None:
     """Write rows of equally sized (H,W,3) uint8 tiles as one PNG grid, overwriting an earlier grid.
 
@@ -76,6 +77,7 @@ def save_grid(
         column_labels: a caption per column, written above it.
         min_tile: tiles are upscaled by a whole factor (nearest) until at least this many pixels high.
         pad: pixels between tiles.
+        provenance: a `meddiff.provenance` record the PNG carries (the grid shows synthetic images).
     """
     height, width = rows[0][0].shape[:2]
     factor = max(1, math.ceil(min_tile / max(height, 1)))
@@ -88,4 +90,4 @@ def save_grid(
             grid[y : y + height, x : x + width] = upscale(tile, factor)
     if column_labels:
         grid = np.concatenate([_header(column_labels, width, pad, ncols, grid.shape[1]), grid], axis=0)
-    save_png(grid, path, overwrite=True)
+    save_png(grid, path, overwrite=True, provenance=provenance)
