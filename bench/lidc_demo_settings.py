@@ -156,15 +156,18 @@ def worker(spec: dict) -> None:
     state = load_torch(root / "models" / "checkpoint.pt")
     result["iterations"], result["epochs"] = int(state["iteration"]), int(state["epoch"])
     result["s_per_iteration"] = round(result["train_s"] / max(1, result["iterations"]), 5)
-    for steps in spec["steps"]:
-        result["phase"] = f"sampling {steps}"
+    runs = [(steps, weights) for steps in spec["steps"] for weights in spec.get("weights", ["final"])]
+    for steps, weights in runs:
+        key = str(steps) if weights == "final" else f"{steps}_{weights}"
+        result["phase"] = f"sampling {key}"
         atomic_json(result, out)
         s = {
             **settings,
             "num_inference_steps": steps,
-            "output_dir": str(root / f"samples_{steps}"),
-            "grid_file": str(root / f"grid_{steps}.png"),
-            "metrics_file": str(root / f"metrics_{steps}.json"),
+            "weights_file": str(root / "models" / ("model.pt" if weights == "final" else "model_best.pt")),
+            "output_dir": str(root / f"samples_{key}"),
+            "grid_file": str(root / f"grid_{key}.png"),
+            "metrics_file": str(root / f"metrics_{key}.json"),
         }
         start = time.perf_counter()
         run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **s)
@@ -172,11 +175,11 @@ def worker(spec: dict) -> None:
         start = time.perf_counter()
         run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **s)
         eval_s = time.perf_counter() - start
-        metrics = json.loads((root / f"metrics_{steps}.json").read_text())
+        metrics = json.loads((root / f"metrics_{key}.json").read_text())
         names = sorted(metrics["per_image"], key=int)[: spec["demo_test"]]
         keys = metrics["mean"].keys()
         demo_mean = {k: sum(metrics["per_image"][n][k] for n in names) / len(names) for k in keys}
-        result["by_steps"][str(steps)] = {
+        result["by_steps"][key] = {
             "infer_s": round(infer_s, 2),
             "eval_s": round(eval_s, 2),
             "num_images": metrics["num_images"],
@@ -369,6 +372,7 @@ def sweep(args: argparse.Namespace) -> dict:
                 "seed": run["seed"],
                 "overrides": {**CANDIDATES[run["candidate"]][0], **(QUICK if args.quick else {})},
                 "steps": steps,
+                "weights": args.weights,
                 "demo_test": DEMO_TEST,
                 "save_every_epoch": args.save_every_epoch,
             }
@@ -449,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the bundle's seed, one run each")
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50], help="DDPM steps sampled per trained model")
     ap.add_argument("--num-test", type=int, default=12, help="synthetic test cases (the first 4 are the demo's)")
+    ap.add_argument(
+        "--weights", nargs="+", default=["final"], choices=["final", "best"],
+        help="sample the final weights (model.pt) and/or the best validated ones (model_best.pt)",
+    )  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run")
     ap.add_argument("--deadline-s", type=float, default=3600.0, help="stop runs still going after this many seconds")
