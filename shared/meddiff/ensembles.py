@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST = "ensembles.json"
-
-
-def _write_ensemble(samples: np.ndarray, folder: Path, place: Callable[[Path], Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Write N binary masks, the frequency map and the majority as PNG to `place(final path)`."""
-    for k, member in enumerate(samples):
-        save_png(member.astype(np.uint8) * 255, place(folder / f"sample_{k:02d}.png"))
-    frequency = samples.mean(axis=0)
-    majority = majority_mask(samples.astype(bool))
-    save_png(np.round(frequency * 255).astype(np.uint8), place(folder / "frequency.png"))
-    save_png(majority * 255, place(folder / "majority.png"))
-    return frequency, majority
 
 
 def ensemble_datalist(
@@ -156,7 +145,7 @@ class EnsembleWriter(StagedWriter):
         record = None if self.provenance is None else dict(self.provenance, seed=int(item["seed"]))
         arrays = {f"sample_{k:02d}.png": member.astype(np.uint8) * 255 for k, member in enumerate(members)}
         arrays["frequency.png"] = np.round(members.mean(axis=0) * 255).astype(np.uint8)
-        arrays["majority.png"] = majority_mask(members) * 255
+        arrays["majority.png"] = as_numpy(output["majority"])[0].T * 255  # (X, Y) -> (H, W)
         for name, array in arrays.items():
             save_png(array, self.path(folder / name), provenance=record)
         if len(self.rows) < self.grid_size:

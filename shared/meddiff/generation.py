@@ -65,22 +65,27 @@ def kept_by_slice_rule(z: np.ndarray, fraction: np.ndarray, min_foreground_fract
 
 def find_condition_masks(
     mask_dir: str | None = None, dataset_dir: str | None = None, seg_dir: str | None = None, split: str = "test"
-) -> tuple[str, list[Path]]:
-    """Return ("png", mask files) or ("volume", label volumes) from the first input given."""
+) -> tuple[str, list[Path], dict[Path, dict]]:
+    """Return ("png", mask files, {}) or ("volume", label volumes, cases) from the first input given.
+
+    `cases` maps each label of a DICOM-layout dataset to its pair (``name``: the case, ``image``: its series
+    folder); it is empty for the other layouts.
+    """
     if mask_dir:
         folder = Path(mask_dir)
     elif seg_dir:
         folder = Path(seg_dir) / "all" / split
     elif dataset_dir and detect_layout(dataset_dir) == "dicom":
-        return "volume", [Path(pair["label"]) for pair in dicom_pairs(Path(dataset_dir), split)]
+        cases = {Path(pair["label"]): pair for pair in dicom_pairs(Path(dataset_dir), split)}
+        return "volume", list(cases), cases
     elif dataset_dir:
-        return "volume", list_files(msd_split_folders(dataset_dir, split)[1], VOLUME_SUFFIXES)
+        return "volume", list_files(msd_split_folders(dataset_dir, split)[1], VOLUME_SUFFIXES), {}
     else:
         raise DataError("No masks given: pass --mask_dir (PNG masks) or --dataset_dir holding labelsTs/ volumes.")
     if not folder.is_dir():
         raise DataError(f"mask folder {folder} does not exist: pass --mask_dir or a dataset_dir with labelsTs/.")
     volumes = list_files(folder, VOLUME_SUFFIXES)
-    return ("volume", volumes) if volumes else ("png", list_files(folder, IMAGE_SUFFIXES))
+    return ("volume", volumes, {}) if volumes else ("png", list_files(folder, IMAGE_SUFFIXES), {})
 
 
 def generation_datalist(
@@ -105,7 +110,7 @@ def generation_datalist(
         num_classes is not None,
         "--num_classes must be set to generate: the label classes the model was trained with, background included.",
     )
-    kind, inputs = find_condition_masks(mask_dir, dataset_dir, seg_dir, split)
+    kind, inputs, cases = find_condition_masks(mask_dir, dataset_dir, seg_dir, split)
     if not inputs:
         raise DataError("no masks found to generate from: check --mask_dir / --dataset_dir.")
     inputs = inputs[: parse("max_items", max_items)] if max_items else inputs
@@ -122,10 +127,9 @@ def generation_datalist(
         {"image": str(p), "name": file_stem(p), "seed": seed + i if kind == "png" else seed}
         for i, p in enumerate(inputs)
     ]
-    if dataset_dir and not (mask_dir or seg_dir) and detect_layout(dataset_dir) == "dicom":
-        series = {pair["label"]: pair for pair in dicom_pairs(Path(dataset_dir), split)}
-        for item in items:  # the DICOM layout's labels lie on their case's series: name the case, keep the series
-            item["name"], item["series"] = series[item["image"]]["name"], series[item["image"]]["image"]
+    for item, path in zip(items, inputs):  # the DICOM layout's labels lie on their case's series
+        if path in cases:
+            item["name"], item["series"] = cases[path]["name"], cases[path]["image"]
     return items
 
 
@@ -234,8 +238,7 @@ class GenerationWriter(StagedWriter):
             mask = read_png_mask(str(source))
             save_png(np.swapaxes(pred, -1, -2).reshape(-1, *mask.shape[1:]), self.path(image_file), provenance=record)
             save_png(mask[0].astype(np.uint8), self.path(mask_file))
-            images, labels = sampled[None], labels
-            part = _record(images, labels, [foreground_fraction(mask[0])], [name], [str(source)], [-1])
+            part = _record(sampled[None], labels, [foreground_fraction(mask[0])], [name], [str(source)], [-1])
         else:
             reference, label = _read_label_volume(source, self.num_classes)
             volume = np.transpose(pred.reshape(pred.shape[-3:]), (2, 1, 0))  # (Z, Y, X) as SimpleITK holds it

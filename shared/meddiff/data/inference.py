@@ -25,6 +25,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resized, Transposed
 from monai.utils import TraceKeys
 
+from meddiff.metrics import majority_mask
+
 __all__ = [
     "MetaLiked",
     "EnsembleSummaryd",
@@ -152,7 +154,8 @@ class EnsembleSummaryd(MapTransform):
     Args:
         keys: the ensemble predictions.
         members_key: where the members go (uint8 0/1, (N, ...)).
-        majority_key: where the majority (strictly more than half of the members) goes (uint8, (1, ...)).
+        majority_key: where the majority (`meddiff.metrics.majority_mask`: strictly more than half of the members)
+            goes (uint8, (1, ...)).
         threshold: a member marks a pixel where its value is above this (members interpolated back to the input's
             grid with nearest neighbours stay 0/1).
     """
@@ -174,7 +177,7 @@ class EnsembleSummaryd(MapTransform):
             members = torch.as_tensor(d[key]) > self.threshold
             frequency = members.float().mean(dim=0, keepdim=True)
             d[self.members_key] = members.to(torch.uint8)
-            d[self.majority_key] = (2 * members.sum(dim=0, keepdim=True) > members.shape[0]).to(torch.uint8)
+            d[self.majority_key] = torch.from_numpy(majority_mask(members.cpu().numpy()))[None]
             meta = d[key].meta if isinstance(d[key], MetaTensor) else None
             d[key] = MetaTensor(frequency, meta=meta) if meta is not None else frequency
         return d
