@@ -18,6 +18,7 @@ Conventions (`TrainingCheckpoint`):
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import math
@@ -43,6 +44,7 @@ from meddiff.options import parse
 
 __all__ = [
     "BestModelCheckpoint",
+    "EMAWeights",
     "GradientClipping",
     "StopOnNonFiniteLoss",
     "TrainedWeightsLoader",
@@ -405,6 +407,55 @@ class GradientClipping:
         if engine.scaler is not None:  # fp16: unscale first so the norm is in true units
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class EMAWeights:
+    """An exponential moving average of a network's weights, the weights a diffusion model samples with.
+
+    After every optimizer step (``Events.ITERATION_COMPLETED``) each parameter of the average moves toward the
+    network's: ``ema <- d * ema + (1 - d) * w``, with ``d = min(decay, (1 + n) / (10 + n))`` at the n-th iteration (the
+    warm-up of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, so a short training averages over its
+    recent iterations instead of staying near the initial weights); buffers are copied. Guided diffusion, CIMD and
+    the seeds built on them sample from such an average with ``decay`` 0.9999.
+
+    Put it in ``train#handlers`` and in the `TrainingCheckpoint`'s ``save_dict`` under its ``final_key``: the final and
+    best weights are then the average, and the resumable checkpoint keeps the average beside the raw network. Give
+    the validation evaluator ``$@ema.model``. With ``decay`` 0 there is no average: `model` is the network itself.
+
+    Args:
+        network: the trained network (a DistributedDataParallel wrapper is looked through).
+        decay: the largest decay; 0 disables averaging (option ``--ema_decay``).
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.9999) -> None:
+        self.decay = parse("ema_decay", decay)
+        self.network = _unwrap(network)
+        if self.decay > 0:
+            self.model = copy.deepcopy(self.network).requires_grad_(False)
+        else:
+            self.model = self.network
+
+    def attach(self, engine: Engine) -> None:
+        """Update the average after every iteration."""
+        if self.decay > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        n = engine.state.iteration
+        decay = min(self.decay, (1 + n) / (10 + n))
+        average, current = list(self.model.parameters()), list(self.network.parameters())
+        torch._foreach_lerp_(average, current, 1.0 - decay)
+        for mine, theirs in zip(self.model.buffers(), self.network.buffers()):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged network's state dict (the same keys as the network's)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the average (from a checkpoint written by `TrainingCheckpoint`)."""
+        self.model.load_state_dict(state)
 
 
 class TrainedWeightsLoader(CheckpointLoader):

@@ -173,6 +173,9 @@ RULES: dict[str, Rule] = {
     "lr_warmup_steps": _COUNT,
     "weight_decay": Rule("float", low=0.0, high=1.0),
     "grad_clip_norm": Rule("float", low=0.0, low_open=True, hint="the largest gradient norm kept"),
+    "ema_decay": Rule(
+        "float", low=0.0, high=1.0, high_open=True, hint="the weight average's decay, e.g. 0.9999; 0 for no average"
+    ),
     "kl_weight": Rule("float", low=0.0),
     "latent_dim": Rule("int", low=1, high=1024),
     "free_bits": Rule("float", low=0.0, high=10.0, hint="nats per latent dimension; 0 turns free bits off"),
@@ -187,6 +190,27 @@ RULES: dict[str, Rule] = {
     "skip_steps": Rule("int", low=0, hint="sampling steps skipped by starting from the noised image"),
     "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
     "d_a_distance": Rule("choice", choices=("dice", "variance")),
+    # polyp clusters and pairs
+    "split_seed": Rule("int", low=0, high=2**63 - 1, hint="the seed of the train/test split, shared by every stage"),
+    "test_fraction": Rule("float", low=0.0, high=1.0, low_open=True, high_open=True),
+    "num_clusters": Rule("int", low=1, high=1000),
+    "cluster_index": Rule("int", low=0, optional=True, hint="leave it out for the full model on every image"),
+    "lambda_vlb": Rule("float", low=0.0, hint="the hybrid loss's VLB weight; 0.001 as Nichol & Dhariwal"),
+    "samples_per_image": _POSITIVE_INT,
+    "num_targets": Rule("int", low=1, optional=True, hint="leave it out to take every image of the cluster once"),
+    "target_selection": Rule("choice", choices=("cycle", "random")),
+    "jump_length": _POSITIVE_INT,
+    "jump_n_sample": _POSITIVE_INT,
+    "mask_dilation": _COUNT,
+    "mask_opening": _COUNT,
+    "inpaint": _BOOL,
+    "style": _BOOL,
+    "use_noise_aug_all": _BOOL,
+    "use_colormatch": _BOOL,
+    "style_steps": _POSITIVE_INT,
+    "style_skip_steps": _COUNT,
+    "downstream_seeds": Rule("ints", low=0),
+    "downstream_epochs": _POSITIVE_INT,
     # DICOM nodule path
     "crop_size": Rule("int", low=8, high=4096),
     "crop_spacing_mm": Rule(
