@@ -1,0 +1,40 @@
+"""Evaluation of generated data: how it looks (`generation`) and what it is worth downstream (`downstream`).
+
+- `meddiff.evaluation.generation`: mask-conditioned generation scored directly: realism (FID), diversity (MS-SSIM)
+  and mask faithfulness (Dice of a segmenter trained on real images);
+- `meddiff.evaluation.downstream`: task networks trained on real, synthetic and real+synthetic data over several
+  seeds, scored on a held-out real test split, with Student-t intervals and paired-by-seed differences.
+
+Everything public in both modules is importable from ``meddiff.evaluation`` (bundle configs call
+``$meddiff.evaluation.evaluate_mask_conditioned_generation(...)``).
+"""
+
+from __future__ import annotations
+
+from meddiff.evaluation.downstream import (
+    DEFAULT_FEATURES,
+    SEGMENTATION_LOSSES,
+    accuracy,
+    arm_datasets,
+    compare_arms,
+    mean_ci,
+    random_flips,
+    segmentation_comparison,
+    train_and_score,
+)
+from meddiff.evaluation.generation import evaluate_mask_conditioned_generation, load_generated, segment
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "SEGMENTATION_LOSSES",
+    "accuracy",
+    "arm_datasets",
+    "compare_arms",
+    "evaluate_mask_conditioned_generation",
+    "load_generated",
+    "mean_ci",
+    "random_flips",
+    "segment",
+    "segmentation_comparison",
+    "train_and_score",
+]

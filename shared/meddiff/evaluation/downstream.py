@@ -1,0 +1,549 @@
+"""Does training a task network on synthetic data help? The downstream test, written once for every method.
+
+The test (Saragih et al. 2024, methods.md §1.6; also the MoNuSeg nuclei test of §4.6 and the NCT-CRC-HE
+classification test of §5.6): train the same task network on several *arms* (training sets; the paper's are
+"real", "synthetic" and "real+synthetic", see `arm_datasets`), once per seed, score each run on one held-out real
+test split, and report per arm the mean over seeds with a confidence interval, and per arm the paired-by-seed
+difference to the reference arm ("real").
+
+Conventions:
+- items are ``(image, target)`` pairs of tensors already loaded: the image ``(C, H, W)`` float; the target a
+  ``(1, H, W)`` binary mask for segmentation or a 0-d integer class index for classification. `train_and_score`
+  stacks items batch by batch, so every image of one set has one shape, and so has every target;
+- a network that returns a list or tuple (MONAI's `BasicUNetPlusPlus`, deep-supervision networks) is trained and
+  scored on its first element, the full-resolution output;
+- one seed fixes everything of a run on CPU: network initialisation and dropout (torch's global generator, seeded
+  inside `torch.random.fork_rng`, so the caller's random state is left as it was), the shuffling order and the
+  augmentation draws (a CPU `torch.Generator` of its own). On CUDA some kernels are not deterministic, so runs of
+  one seed may differ slightly there;
+- each run trains for a fixed number of epochs and is scored after its last epoch (no checkpoint selection: the
+  paper picks the best validation IoU, and selecting on the test split would leak it);
+- scores: each metric is computed per test item on ``postprocess(network(image))`` and averaged over the items;
+  ``dataset_metrics`` (macro F1, dataset-level instance F1) see all predictions and targets at once;
+- intervals (`mean_ci`): the Student-t interval for the mean over seeds,
+  ``mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n)`` with the sample standard deviation ``s`` (ddof 1). With a
+  single value there is no interval: ``std``, ``low`` and ``high`` are NaN (JSON files then hold ``NaN``);
+- differences (`compare_arms`): per seed ``arm - reference``, then `mean_ci` of those differences (the paired
+  t-interval); every arm must have been run on the same seeds and scored with the same metrics. Seeds are written
+  as strings (JSON object keys), so a result reads back unchanged;
+- binary segmentation (`segmentation_comparison`): one sigmoid output channel; prediction foreground where the
+  probability is > 0.5, target foreground where the mask is > 0.5 (float masks) or != 0 (integer or boolean masks,
+  so 0/255 masks work); Dice ``2|P∩T| / (|P|+|T|)`` and IoU ``|P∩T| / |P∪T|`` per image, and an image where both
+  prediction and target are empty scores 1 for both (the network was right that there is no polyp);
+- deviations from the paper's segmenter (smp ``UnetPlusPlus(encoder='se_resnext50_32x4d',
+  encoder_weights='imagenet')``, 2-channel softmax, smp DiceLoss without background, lr 1e-4 dropped to 1e-5 at
+  epoch 50, ShiftScaleRotate augmentation, best-validation checkpoint): MONAI `BasicUNetPlusPlus` trained from
+  scratch, because ImageNet encoder weights cannot be downloaded here; one sigmoid channel with MONAI
+  ``DiceLoss(sigmoid=True)`` (the same Dice on the foreground; ``loss="dice_bce"`` adds BCE); a constant learning
+  rate; random horizontal and vertical flips as the only augmentation; the last epoch scored. Absolute Dice/IoU
+  are therefore not comparable to the paper's; the comparison between arms is what this test measures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm import tqdm
+
+from meddiff.errors import OptionError, UserError
+from meddiff.io import check_new_output, save_json
+from meddiff.metrics.ambiguity import dice, iou
+from meddiff.options import Rule, parse
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "SEGMENTATION_LOSSES",
+    "accuracy",
+    "arm_datasets",
+    "compare_arms",
+    "mean_ci",
+    "random_flips",
+    "segmentation_comparison",
+    "train_and_score",
+]
+
+Item = tuple[torch.Tensor, torch.Tensor]
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+DEFAULT_FEATURES = (32, 32, 64, 128, 256, 32)  # MONAI's BasicUNetPlusPlus default
+SEGMENTATION_LOSSES = {"dice": "DiceLoss(sigmoid=True)", "dice_bce": "DiceCELoss(sigmoid=True), BCE for 1 channel"}
+MIN_SEGMENTATION_SIZE = 32  # BasicUNetPlusPlus pools 4 times; instance norm needs more than 1 pixel at the bottom
+THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+# options of this module only (the shared ones are parsed by their names in meddiff.options.RULES)
+_CONFIDENCE = Rule("float", low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.95")
+_FEATURES = Rule("ints", low=1, length=6, hint=f"BasicUNetPlusPlus features, e.g. {list(DEFAULT_FEATURES)}")
+_SEEDS = Rule("ints", low=0, hint="one run per arm and seed, e.g. [0, 1, 2]")
+_LOSS = Rule("choice", choices=tuple(SEGMENTATION_LOSSES))
+_BOOL = Rule("bool")
+
+
+def _confidence(confidence: Any) -> float:
+    return _CONFIDENCE("confidence", confidence)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of `values` with its Student-t confidence interval (see the module docstring).
+
+    Args:
+        values: one number per run (e.g. per seed); at least one, all finite.
+        confidence: the interval's coverage, strictly between 0 and 1.
+
+    Returns:
+        ``{"mean", "low", "high", "std", "n"}``; ``std`` is the sample standard deviation (ddof 1). For a single
+        value ``std``, ``low`` and ``high`` are NaN.
+    """
+    confidence = _confidence(confidence)
+    array = np.asarray([float(v) for v in values], dtype=np.float64)
+    if array.size == 0:
+        raise UserError("mean_ci got no values: give at least one score (one per seed).")
+    if not np.isfinite(array).all():
+        raise UserError(f"mean_ci got non-finite scores {array.tolist()}: check the runs that produced them.")
+    n, mean = int(array.size), float(array.mean())
+    if n == 1:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "std": math.nan, "n": 1}
+    std = float(array.std(ddof=1))
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "std": std, "n": n}
+
+
+def compare_arms(
+    scores: Mapping[str, Mapping[Any, Mapping[str, float]]], reference: str = "real", confidence: float = 0.95
+) -> dict:
+    """Per arm and metric the mean over seeds with its interval, and each arm's paired difference to `reference`.
+
+    Args:
+        scores: ``{arm: {seed: {metric: value}}}``; every arm run on the same seeds with the same metrics.
+        reference: the arm every other arm is compared with (``arm - reference``, paired by seed).
+        confidence: the intervals' coverage.
+
+    Returns:
+        ``{"reference", "confidence", "arms": {arm: {"per_seed": {seed: {metric: value}}, "mean": {metric:
+        mean_ci}}}, "differences": {arm: {metric: {**mean_ci, "per_seed": {seed: difference}}}}}`` with seeds as
+        strings; ``differences`` has every arm but the reference.
+    """
+    confidence = _confidence(confidence)
+    if not scores:
+        raise UserError("compare_arms got no arms: pass scores as {arm: {seed: {metric: value}}}.")
+    if reference not in scores:
+        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(scores)}: pass one of them.")
+    table = {arm: _seed_table(arm, per_seed) for arm, per_seed in scores.items()}
+    seeds, metrics = list(table[reference]), sorted(next(iter(table[reference].values())))
+    for arm, per_seed in table.items():
+        if sorted(per_seed) != sorted(seeds):
+            raise UserError(
+                f"arm {arm!r} was run on seeds {sorted(per_seed)} but the reference arm {reference!r} on "
+                f"{sorted(seeds)}: run every arm on the same seeds, the differences are paired by seed."
+            )
+        for seed, values in per_seed.items():
+            if sorted(values) != metrics:
+                raise UserError(
+                    f"arm {arm!r} seed {seed} has metrics {sorted(values)} but the reference arm {reference!r} has "
+                    f"{metrics}: score every run with the same metrics."
+                )
+    result: dict = {"reference": reference, "confidence": confidence, "arms": {}, "differences": {}}
+    for arm, per_seed in table.items():
+        result["arms"][arm] = {
+            "per_seed": per_seed,
+            "mean": {m: mean_ci([per_seed[s][m] for s in seeds], confidence) for m in metrics},
+        }
+        if arm == reference:
+            continue
+        result["differences"][arm] = {}
+        for m in metrics:
+            paired = {s: per_seed[s][m] - table[reference][s][m] for s in seeds}
+            result["differences"][arm][m] = {**mean_ci(list(paired.values()), confidence), "per_seed": paired}
+    return result
+
+
+def _seed_table(arm: str, per_seed: Mapping[Any, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """`per_seed` with string seeds and float values, refused when it is empty or a seed appears twice."""
+    if not per_seed:
+        raise UserError(f"arm {arm!r} has no scored seeds: run it on at least one seed or leave it out.")
+    table: dict[str, dict[str, float]] = {}
+    for seed, values in per_seed.items():
+        if str(seed) in table:
+            raise UserError(f"arm {arm!r} lists seed {seed!r} twice: give each seed's scores once.")
+        table[str(seed)] = {str(m): float(v) for m, v in values.items()}
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """1.0 when the arg-max class of one item's `logits` (K,) is its class index `target` (0-d), else 0.0."""
+    return float(int(torch.argmax(logits)) == int(target))
+
+
+def random_flips(
+    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each item of a batch horizontally and vertically, each with probability 0.5, drawn from `generator`.
+
+    Args:
+        images: a batch ``(B, C, H, W)``.
+        targets: ``(B, 1, H, W)`` masks, flipped with their images; any other shape (class indices) is left as is.
+        generator: the run's CPU generator.
+    """
+    draws = torch.rand(len(images), 2, generator=generator) < 0.5
+    spatial = targets.ndim == images.ndim and targets.shape[-2:] == images.shape[-2:]
+    images, targets = images.clone(), targets.clone() if spatial else targets
+    for i, (flip_h, flip_v) in enumerate(draws.tolist()):
+        dims = [d for d, on in ((-1, flip_h), (-2, flip_v)) if on]
+        if dims:
+            images[i] = torch.flip(images[i], dims)
+            if spatial:
+                targets[i] = torch.flip(targets[i], dims)
+    return images, targets
+
+
+def _final(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def _check_items(items: Sequence[Item], name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (image shape, target shape) shared by all `items`; refuses an empty set or mixed shapes."""
+    if len(items) == 0:
+        raise UserError(f"{name} is empty: give at least one (image, target) pair.")
+    shapes = set()
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise UserError(f"{name} holds {type(item).__name__} items: give (image, target) pairs of tensors.")
+        shapes.add((tuple(torch.as_tensor(item[0]).shape), tuple(torch.as_tensor(item[1]).shape)))
+    if len(shapes) > 1:
+        raise UserError(
+            f"{name} mixes (image, target) shapes {sorted(shapes)}: bring every item to one size before training."
+        )
+    return shapes.pop()
+
+
+def _batch(items: Sequence[Item], index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([torch.as_tensor(items[i][0], dtype=torch.float32) for i in index])
+    return images, torch.stack([torch.as_tensor(items[i][1]) for i in index])
+
+
+def train_and_score(
+    train_items: Sequence[Item],
+    test_items: Sequence[Item],
+    make_network: Callable[[], torch.nn.Module],
+    seed: int,
+    *,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    metrics: Mapping[str, Metric],
+    epochs: int,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    dataset_metrics: Mapping[str, Metric] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train a fresh network on `train_items` with Adam for `epochs` epochs, then score it on `test_items`.
+
+    Serves segmentation (targets are masks, metrics Dice/IoU) and classification (targets are class indices,
+    metric `accuracy`) alike; the module docstring gives the seeding and scoring rules.
+
+    Args:
+        train_items: ``(image, target)`` pairs to train on, shuffled every epoch.
+        test_items: ``(image, target)`` pairs to score on.
+        make_network: builds the untrained network; called once, after seeding.
+        seed: fixes initialisation, shuffling and augmentation.
+        loss: ``loss(output, targets)`` on a batch; the output is the raw network output (logits).
+        metrics: ``{name: fn(prediction, target) -> float}`` for one test item; averaged over the test items.
+        epochs: passes over `train_items`.
+        batch_size: items per optimisation step (the last batch of an epoch may be smaller).
+        learning_rate: Adam's learning rate, constant.
+        weight_decay: Adam's weight decay.
+        device: where the network trains; batches are drawn and augmented on CPU.
+        postprocess: maps the batch output to predictions before the metrics (e.g. `torch.sigmoid`); None keeps it.
+        augment: ``augment(images, targets, generator) -> (images, targets)`` on each training batch, e.g.
+            `random_flips`; None for none.
+        dataset_metrics: ``{name: fn(predictions, targets) -> float}`` on all test predictions at once.
+        progress: show a progress bar over the epochs.
+
+    Returns:
+        ``{metric name: score}`` for `metrics` and `dataset_metrics`.
+    """
+    seed = parse("seed", seed)
+    epochs, batch_size = parse("num_epochs", epochs), parse("batch_size", batch_size)
+    learning_rate, weight_decay = parse("learning_rate", learning_rate), parse("weight_decay", weight_decay)
+    progress = parse("progress", progress)
+    if not metrics and not dataset_metrics:
+        raise OptionError("train_and_score got no metrics: pass metrics={name: fn(prediction, target)}.")
+    train_shapes, test_shapes = _check_items(train_items, "train_items"), _check_items(test_items, "test_items")
+    if train_shapes != test_shapes:
+        raise UserError(
+            f"train_items have (image, target) shapes {train_shapes} but test_items {test_shapes}: "
+            "bring both sets to one size."
+        )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        network = make_network().to(device)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        bar = tqdm(range(epochs), desc=f"training (seed {seed})", disable=not progress, leave=False)
+        for epoch in bar:
+            network.train()
+            order = torch.randperm(len(train_items), generator=generator).tolist()
+            total = 0.0
+            for start in range(0, len(order), batch_size):
+                images, targets = _batch(train_items, order[start : start + batch_size])
+                if augment is not None:
+                    images, targets = augment(images, targets, generator)
+                optimizer.zero_grad(set_to_none=True)
+                value = loss(_final(network(images.to(device))), targets.to(device))
+                if not torch.isfinite(value):
+                    raise UserError(
+                        f"the training loss became {value.item()} in epoch {epoch + 1} (seed {seed}): "
+                        f"lower --learning_rate (now {learning_rate:g})."
+                    )
+                value.backward()
+                optimizer.step()
+                total += value.item() * len(images)
+            bar.set_postfix(loss=f"{total / len(order):.4f}")
+        return _score(network, test_items, batch_size, device, postprocess, metrics, dataset_metrics or {})
+
+
+def _score(
+    network: torch.nn.Module,
+    items: Sequence[Item],
+    batch_size: int,
+    device: torch.device,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None,
+    metrics: Mapping[str, Metric],
+    dataset_metrics: Mapping[str, Metric],
+) -> dict[str, float]:
+    network.eval()
+    sums = dict.fromkeys(metrics, 0.0)
+    predictions, targets_all = [], []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            images, targets = _batch(items, range(start, min(start + batch_size, len(items))))
+            prediction = _final(network(images.to(device)))
+            prediction = (postprocess(prediction) if postprocess is not None else prediction).detach().cpu()
+            for name, fn in metrics.items():
+                sums[name] += sum(float(fn(p, t)) for p, t in zip(prediction, targets))
+            if dataset_metrics:
+                predictions.append(prediction)
+                targets_all.append(targets)
+    scores = {name: total / len(items) for name, total in sums.items()}
+    if dataset_metrics:
+        stacked, targets = torch.cat(predictions), torch.cat(targets_all)
+        scores.update({name: float(fn(stacked, targets)) for name, fn in dataset_metrics.items()})
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+
+
+def _concat(a: Any, b: Any, what: str) -> Any:
+    try:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return torch.cat([a, b])
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return np.concatenate([a, b])
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"the real and synthetic {what} have shapes {tuple(a.shape)} and {tuple(b.shape)}: bring them to one "
+            "channel count and size before arm_datasets."
+        ) from None
+    return list(a) + list(b)
+
+
+def arm_datasets(real: tuple[Any, Any], synthetic: tuple[Any, Any]) -> dict[str, tuple[Any, Any]]:
+    """The paper's three arms from ``(images, targets)`` of real and synthetic data.
+
+    Args:
+        real: ``(images, targets)``: stacked tensors or arrays (N, ...) or sequences of per-item tensors.
+        synthetic: the same for the synthetic data.
+
+    Returns:
+        ``{"real": real, "synthetic": synthetic, "real+synthetic": (real then synthetic images, same targets)}``.
+    """
+    for name, pair in (("real", real), ("synthetic", synthetic)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise UserError(f"arm_datasets needs {name} as an (images, targets) pair, got {type(pair).__name__}.")
+    both = (_concat(real[0], synthetic[0], "images"), _concat(real[1], synthetic[1], "targets"))
+    return {"real": real, "synthetic": synthetic, "real+synthetic": both}
+
+
+def _stack(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(x)
+    items = [torch.as_tensor(v) for v in x]
+    if not items:
+        return torch.zeros(0)
+    try:
+        return torch.stack(items)
+    except RuntimeError:
+        shapes = sorted({tuple(v.shape) for v in items})
+        raise UserError(f"{what} mix shapes {shapes}: bring them to one channel count and size.") from None
+
+
+def _segmentation_items(pair: Any, name: str) -> list[Item]:
+    """(image (C,H,W) float, mask (1,H,W) float 0/1) items of one arm or the test set, checked."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise UserError(f"{name} must be an (images, masks) pair, got {type(pair).__name__}.")
+    images, masks = _stack(pair[0], f"{name} images"), _stack(pair[1], f"{name} masks")
+    if len(images) == 0:
+        fix = "leave the arm out" if name.startswith("arm") else "hold out some real images for testing"
+        raise UserError(f"{name} has no images: give it at least one image and mask, or {fix}.")
+    if len(images) != len(masks):
+        raise UserError(f"{name} has {len(images)} images but {len(masks)} masks: give exactly one mask per image.")
+    if images.ndim != 4:
+        raise UserError(f"{name} images have shape {tuple(images.shape)}: give them as (N, C, H, W).")
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.ndim != 4 or masks.shape[1] != 1:
+        raise UserError(f"{name} masks have shape {tuple(masks.shape)}: give binary masks (N, H, W) or (N, 1, H, W).")
+    if masks.shape[-2:] != images.shape[-2:]:
+        raise UserError(
+            f"{name} images are {tuple(images.shape[-2:])} but its masks {tuple(masks.shape[-2:])}: resample the "
+            "masks to the image size."
+        )
+    foreground = masks > THRESHOLD if masks.is_floating_point() else masks != 0
+    return list(zip(images.float(), foreground.float()))
+
+
+def segmentation_comparison(
+    arms: Mapping[str, tuple[Any, Any]],
+    test: tuple[Any, Any],
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    epochs: int = 100,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 1e-5,
+    features: Sequence[int] = DEFAULT_FEATURES,
+    loss: str = "dice",
+    augment: bool = True,
+    reference: str = "real",
+    confidence: float = 0.95,
+    device: str | torch.device = "cpu",
+    output_file: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Binary segmentation trained on each arm and seed, scored by Dice and IoU on the real test split.
+
+    The defaults follow the paper's recipe where it carries over (Adam, lr 1e-4, weight decay 1e-5, 100 epochs,
+    batch 32); the module docstring lists the deviations and the metric conventions.
+
+    Args:
+        arms: ``{arm: (images, masks)}``: images (N, C, H, W) float, masks (N, H, W) or (N, 1, H, W) binary; as
+            tensors, arrays or sequences of per-item tensors. `arm_datasets` builds the paper's three.
+        test: ``(images, masks)`` of the held-out real test split, the same channel count and size.
+        seeds: one run per arm and seed; differences are paired by seed.
+        epochs: training epochs per run.
+        batch_size: images per step.
+        learning_rate: Adam's learning rate, constant.
+        weight_decay: Adam's weight decay.
+        features: the six `BasicUNetPlusPlus` feature counts; MONAI's default, smaller tuples for CPU tests.
+        loss: ``"dice"`` (MONAI ``DiceLoss(sigmoid=True)``, the paper's loss) or ``"dice_bce"`` (Dice + BCE).
+        augment: random horizontal and vertical flips of the training images and masks.
+        reference: the arm the others are compared with.
+        confidence: the intervals' coverage.
+        device: where the networks train.
+        output_file: where to write the result as JSON; None writes nothing. Refused before any training when it
+            exists, unless `overwrite`.
+        overwrite: replace an existing `output_file`.
+        progress: show progress bars.
+
+    Returns:
+        `compare_arms`'s result (per arm ``per_seed`` and ``mean``; ``differences``) plus ``settings``.
+    """
+    from monai.losses import DiceCELoss, DiceLoss
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    seeds = _SEEDS("seeds", seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise OptionError(f"--seeds must list distinct seeds such as [0, 1, 2], got {seeds!r}.")
+    features, loss, augment = tuple(_FEATURES("features", features)), _LOSS("loss", loss), _BOOL("augment", augment)
+    epochs, batch_size = parse("num_epochs", epochs), parse("batch_size", batch_size)
+    learning_rate, weight_decay = parse("learning_rate", learning_rate), parse("weight_decay", weight_decay)
+    progress = parse("progress", progress)
+    if not arms:
+        raise UserError("no training arms given: pass arms={'real': (images, masks), ...}, e.g. from arm_datasets.")
+    if reference not in arms:
+        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(arms)}: pass one of them.")
+    confidence = _confidence(confidence)
+    if output_file is not None:
+        check_new_output(output_file, parse("overwrite", overwrite))
+    test_items = _segmentation_items(test, "the test set")
+    shape = tuple(test_items[0][0].shape)
+    if min(shape[-2:]) < MIN_SEGMENTATION_SIZE:
+        raise UserError(
+            f"the images are {shape[-2]}x{shape[-1]} but BasicUNetPlusPlus needs at least "
+            f"{MIN_SEGMENTATION_SIZE}x{MIN_SEGMENTATION_SIZE}: pad or resize them."
+        )
+    train_sets = {}
+    for arm, pair in arms.items():
+        items = _segmentation_items(pair, f"arm {arm!r}")
+        if tuple(items[0][0].shape) != shape:
+            raise UserError(
+                f"arm {arm!r} images are {tuple(items[0][0].shape)} but the test images {shape}: bring every "
+                "image to one channel count and size."
+            )
+        train_sets[arm] = items
+
+    def make_network() -> torch.nn.Module:
+        return BasicUNetPlusPlus(spatial_dims=2, in_channels=shape[0], out_channels=1, features=features)
+
+    criterion = DiceLoss(sigmoid=True) if loss == "dice" else DiceCELoss(sigmoid=True)
+    runs = [(arm, seed) for arm in train_sets for seed in seeds]
+    scores: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in train_sets}
+    for arm, seed in tqdm(runs, desc="downstream runs", disable=not progress):
+        scores[arm][seed] = train_and_score(
+            train_sets[arm],
+            test_items,
+            make_network,
+            seed,
+            loss=criterion,
+            metrics={"dice": dice, "iou": iou},
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            device=device,
+            postprocess=torch.sigmoid,
+            augment=random_flips if augment else None,
+            progress=progress,
+        )
+    result = compare_arms(scores, reference=reference, confidence=confidence)
+    result["settings"] = {
+        "task": "binary segmentation",
+        "network": "monai BasicUNetPlusPlus, trained from scratch",
+        "paper_network": "smp UnetPlusPlus(encoder='se_resnext50_32x4d', encoder_weights='imagenet')",
+        "features": list(features),
+        "loss": SEGMENTATION_LOSSES[loss],
+        "optimizer": "Adam",
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "augment": "random horizontal and vertical flips" if augment else None,
+        "checkpoint": "last epoch",
+        "threshold": THRESHOLD,
+        "empty_vs_empty": 1.0,
+        "seeds": seeds,
+        "num_train": {arm: len(items) for arm, items in train_sets.items()},
+        "num_test": len(test_items),
+        "image_shape": list(shape),
+        "device": str(device),
+    }
+    if output_file is not None:
+        save_json(result, output_file, overwrite=True)  # checked above, before the work
+    return result
