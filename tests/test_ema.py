@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from meddiff.errors import OptionError
 from meddiff.handlers import EMAWeights, TrainingCheckpoint
@@ -95,3 +95,16 @@ def test_training_writes_the_average_and_resumes_it(tmp_path: Path) -> None:
         d = min(0.5, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * w
     assert ema2.model.w.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_sparse_checkpoint_interval_still_checkpoints_the_last_epoch(tmp_path: Path) -> None:
+    net = Scaled()
+    ema = EMAWeights(net, decay=0.5)
+    handler = TrainingCheckpoint(str(tmp_path), {"model": net, "ema": ema}, final_key="ema", save_interval=3)
+    engine = trainer_of(net, [], ema)
+    handler.attach(engine)
+    saved = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: saved.append((tmp_path / "checkpoint.pt").is_file()))
+    engine.run([3.0], max_epochs=4)
+    assert saved == [False, False, True, True]  # written at epoch 3 by the interval, then at completion (epoch 4)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4

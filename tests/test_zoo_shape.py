@@ -161,8 +161,9 @@ def test_training_validates_and_keeps_the_best_model(bundle: Path, bundles: Bund
     targets = [h["_target_"] for h in parser["train#handlers"]]
     assert "ValidationHandler" in targets
     root, _, _ = bundles.trained(bundle)
-    assert (root / "models" / "model_best.pt").is_file() and (root / "models" / "model_best.json").is_file()
-    checkpoint = torch.load(root / "models" / "checkpoint.pt", weights_only=True)
+    best = sorted(root.glob("models/**/model_best.pt"))  # models/ or, per cluster, models/<model>/
+    assert len(best) == 1 and best[0].with_suffix(".json").is_file()
+    checkpoint = torch.load(best[0].with_name("checkpoint.pt"), weights_only=True)
     assert checkpoint["best_epoch"] == 1 and checkpoint["best_metric"] > 0
 
 
@@ -200,7 +201,7 @@ def test_multi_gpu_overlay_gates_handlers_to_rank0(case: tuple[Path, str]) -> No
         if handlers not in merged:
             continue
         for i, handler in enumerate(merged[handlers]):
-            gated = "_disabled_" in handler
+            gated = handler.get("_disabled_") == "@is_not_rank0"  # another _disabled_ (e.g. no validation) is not
             where = f"{overlay.name}: {handlers}#{i} ({handler['_target_']})"
             if handler["_target_"] in RANK0_ONLY:
                 assert gated, f"{where} logs or saves on every rank: add {handlers}#{i}#_disabled_"

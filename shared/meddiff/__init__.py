@@ -38,6 +38,12 @@ _SUBMODULES = {
     "losses",
     "provenance",
     "validation",
+    "clustering",
+    "colour",
+    "morphology",
+    "pairs",
+    "workflows",
+    "verdicts",
 }
 
 

@@ -46,7 +46,24 @@ def _parser() -> argparse.ArgumentParser:
         help="replace earlier results in OUTPUT_DIR/<bundle>/ once the new run has finished (true/false)",
     )
     demo.add_argument("--debug", action="store_true", help="show full tracebacks")
+    clusters = sub.add_parser(
+        "clusters",
+        help="run a per-cluster bundle config once for every cluster (resumable cluster by cluster)",
+        epilog="Any bundle setting passes through: --dataset_dir D --num_epochs 500 ...",
+        allow_abbrev=False,
+    )
+    clusters.add_argument("stage", choices=sorted(CLUSTER_STAGES), help="training: train.json; run: inference.json")
+    clusters.add_argument("--bundle", default="polyp_cluster_generation", help="the bundle (default: %(default)s)")
+    clusters.add_argument("--bundle_root", required=True, help="where clusters/ and models/ are (the bundle's root)")
+    clusters.add_argument(
+        "--include_full", nargs="?", const="true", default="false", help="also the full model on every image"
+    )
+    clusters.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
+
+
+# `python -m meddiff clusters STAGE`: the run id and config files of each stage
+CLUSTER_STAGES = {"training": ("training", ["train.json"]), "run": ("run", ["inference.json"])}
 
 
 def _config_keys(bundle: str) -> set[str]:
@@ -79,10 +96,11 @@ def parse_settings(extra: list[str]) -> dict[str, Any]:
     return settings
 
 
-def _check_settings(bundle: str, settings: dict[str, Any]) -> None:
+def _check_settings(bundle: str, settings: dict[str, Any], demo: bool = True) -> None:
     from meddiff.demo import check_not_demo_owned
 
-    check_not_demo_owned(settings)
+    if demo:
+        check_not_demo_owned(settings)
     known = _config_keys(bundle)
     for name in settings:
         if name not in known:
@@ -152,4 +170,26 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     if args.debug:
         os.environ["MEDDIFF_DEBUG"] = "1"
+    if args.command == "clusters":
+        return _run_clusters(args, extra)
     return _run(args, extra)
+
+
+def _run_clusters(args: argparse.Namespace, extra: list[str]) -> int:
+    from meddiff.demo import bundles_dir
+    from meddiff.options import parse
+    from meddiff.workflows import run_each_cluster
+
+    settings = parse_settings(extra)
+    _check_settings(args.bundle, settings, demo=False)
+    run_id, configs = CLUSTER_STAGES[args.stage]
+    done = run_each_cluster(
+        bundles_dir() / args.bundle,
+        run_id,
+        configs,
+        args.bundle_root,
+        include_full=parse("include_full", args.include_full),
+        **settings,
+    )
+    print(f"== {args.stage} done for {len(done)} model(s) in {args.bundle_root}", flush=True)
+    return 0

@@ -19,9 +19,17 @@ from meddiff.errors import OptionError, UserError
 from meddiff.io import OutputExistsError, check_writable, make_staging_dir
 from meddiff.options import RULES, parse, parse_all
 
-__all__ = ["DEMO_BUNDLES", "DEMO_OWNED_SETTINGS", "bundles_dir", "check_not_demo_owned", "run_bundle", "run_demo"]
+__all__ = [
+    "DEMO_BUNDLES",
+    "DEMO_OWNED_SETTINGS",
+    "bundles_dir",
+    "check_not_demo_owned",
+    "demo_plan",
+    "run_bundle",
+    "run_demo",
+]
 
-DEMO_BUNDLES = ("breast_mri_seg_guided_generation", "lidc_ambiguous_segmentation")
+DEMO_BUNDLES = ("breast_mri_seg_guided_generation", "lidc_ambiguous_segmentation", "polyp_cluster_generation")
 
 
 def bundles_dir() -> Path:
@@ -108,6 +116,25 @@ def _replace(out: Path, staging: Path) -> None:
         shutil.rmtree(old)
 
 
+def demo_plan(bundle_dir: str | Path) -> list[dict]:
+    """The demo's runs in order: ``demo_plan`` of ``configs/demo.json`` when it has one, else every training
+    (``train.json`` then each ``train_*.json``, one model each), inference and evaluation.
+
+    A step is ``{"run_id": ..., "configs": [...], "each_cluster": false}``; ``demo.json`` is merged last into every
+    step, and an ``each_cluster`` step runs once per cluster (`meddiff.workflows.run_each_cluster`).
+    """
+    bundle_dir = Path(bundle_dir)
+    plan = json.loads((bundle_dir / "configs" / "demo.json").read_text()).get("demo_plan")
+    if plan:
+        return [dict(step) for step in plan]
+    extra_trainings = sorted(p.name for p in (bundle_dir / "configs").glob("train_*.json"))
+    return [
+        *({"run_id": "training", "configs": [name]} for name in ["train.json", *extra_trainings]),
+        {"run_id": "run", "configs": ["inference.json"]},
+        {"run_id": "evaluate", "configs": ["inference.json", "evaluate.json"]},
+    ]
+
+
 def run_demo(
     bundle: str,
     output_dir: str | Path,
@@ -158,11 +185,14 @@ def run_demo(
             "logging_file": str(QUIET_LOGGING),
             **overrides,
         }
-        extra_trainings = sorted(p.name for p in (bundle_dir / "configs").glob("train_*.json"))  # one model each
-        for train_config in ["train.json", *extra_trainings]:
-            run_bundle(bundle_dir, "training", [train_config, "demo.json"], **settings)
-        run_bundle(bundle_dir, "run", ["inference.json", "demo.json"], **settings)
-        run_bundle(bundle_dir, "evaluate", ["inference.json", "evaluate.json", "demo.json"], **settings)
+        for step in demo_plan(bundle_dir):
+            configs = [*step["configs"], "demo.json"]
+            if step.get("each_cluster"):
+                from meddiff.workflows import run_each_cluster
+
+                run_each_cluster(bundle_dir, step["run_id"], configs, **settings)
+            else:
+                run_bundle(bundle_dir, step["run_id"], configs, **settings)
         metrics = json.loads((staging / "metrics.json").read_text())
         _replace(out, staging)
     finally:

@@ -37,6 +37,7 @@ from meddiff.inferers import EnsembleSamplingInferer
 from meddiff.io import StagedOutput, atomic_write, check_new_output, load_trained_weights, save_json, save_png
 from meddiff.metrics import ci_score, dice, generalized_energy_distance, majority_mask
 from meddiff.options import check, parse
+from meddiff.verdicts import size_matches, verdict
 from meddiff.visualize import save_grid, to_rgb_tile
 from meddiff.writers import StagedWriter
 
@@ -236,18 +237,16 @@ def ensemble_verdict(mean: dict) -> str:
     GED is no better than that of all-empty members (a model that predicts nothing).
     """
     member, rater = 100 * mean["member_foreground"], 100 * mean["rater_foreground"]
-    ratio = mean["member_foreground"] / max(mean["rater_foreground"], 1e-9)
     problems = []
-    if not 1 / 3 <= ratio <= 3:
+    if not size_matches(mean["member_foreground"], mean["rater_foreground"]):
         problems.append(f"its members mark {member:.2f}% of the pixels where the raters mark {rater:.2f}%")
     ged, empty = mean["ged"], mean["ged_empty_members"]
     if ged >= empty:
         problems.append(f"its GED {ged:.3f} is no better than all-empty members' {empty:.3f}")
-    if problems:
-        return "undertrained: " + " and ".join(problems) + "; train longer (raise --num_epochs) or on more data."
-    return (
+    return verdict(
+        problems,
         f"members look like the raters' masks in size (member foreground {member:.2f}%, raters {rater:.2f}%) and "
-        f"beat all-empty members on GED ({ged:.3f} < {empty:.3f})."
+        f"beat all-empty members on GED ({ged:.3f} < {empty:.3f}).",
     )
 
 

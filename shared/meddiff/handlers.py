@@ -108,7 +108,8 @@ class TrainingCheckpoint:
     - On start (rank 0): lock `ckpt_dir`, remove temporaries that killed runs left there, refuse to replace final
       weights that cannot be resumed (unless `overwrite`). Then, if ``<ckpt_dir>/<name>`` exists and `resume` is true,
       every object and the engine's epoch and iteration are restored from it (loaded with ``weights_only=True``).
-    - Every `save_interval` epochs (rank 0 only), the checkpoint is written to a temporary file and renamed.
+    - Every `save_interval` epochs and at the end (rank 0 only), the checkpoint is written to a temporary file and
+      renamed.
     - On completion, the state dict of ``save_dict[final_key]`` is written atomically to
       ``<ckpt_dir>/<final_filename>`` (the bundle's ``models/model.pt``) with `settings` beside it in
       ``<final_filename without .pt>.json``.
@@ -277,7 +278,10 @@ class TrainingCheckpoint:
         save_torch(state, self.path)
 
     def save_final(self, engine: Engine) -> None:
-        """Write the final network state dict and its settings JSON (rank 0 only)."""
+        """Write the final network state dict and its settings JSON (rank 0 only), and the checkpoint of the last
+        epoch when `save_interval` skipped it."""
+        if engine.state.epoch % self.save_interval:
+            self.save(engine)
         if is_main_process():
             save_trained_weights(self._network_state(), self.final_path, self.settings)
 

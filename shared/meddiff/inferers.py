@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import DiffusionInferer, Inferer
 
 from meddiff.conditioning import Conditioning
+from meddiff.errors import OptionError
 from meddiff.latent import LatentDecoder
 from meddiff.options import parse
 from meddiff.precision import autocast, cast_for_inference, check_precision
@@ -42,6 +44,7 @@ __all__ = [
     "ConditionedSamplingInferer",
     "DiffusionTrainingInferer",
     "EnsembleSamplingInferer",
+    "InpaintStyleInferer",
     "InpaintingSamplingInferer",
     "LatentSamplingInferer",
     "SamplingInferer",
@@ -67,6 +70,8 @@ class DiffusionTrainingInferer(DiffusionInferer):
         conditioning: how the condition reaches the network (`meddiff.conditioning.Conditioning` or its mode).
         precision: "fp32", "bf16", "fp16" or "auto".
         channels_last: run the network in channels-last memory format.
+        return_inputs: return ``(prediction, x_0, x_t, timesteps)`` instead of the prediction alone, for losses that
+            need the diffusion's inputs (`meddiff.losses.HybridLoss`).
     """
 
     def __init__(
@@ -75,10 +80,12 @@ class DiffusionTrainingInferer(DiffusionInferer):
         conditioning: Conditioning | str = "concat",
         precision: str = "fp32",
         channels_last: bool = False,
+        return_inputs: bool = False,
     ) -> None:
         super().__init__(scheduler)
         self.precision, self.channels_last = check_precision(precision), channels_last
         self.conditioning = _conditioning(conditioning, channels_last)
+        self.return_inputs = bool(return_inputs)
 
     def __call__(  # type: ignore[override]
         self,
@@ -95,6 +102,8 @@ class DiffusionTrainingInferer(DiffusionInferer):
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         with autocast(inputs.device, self.precision):
             prediction = self.conditioning(diffusion_model, noisy, timesteps, seg if seg is not None else condition)
+        if self.return_inputs:
+            return prediction.float(), inputs, noisy, timesteps
         return prediction.float()
 
 
@@ -276,6 +285,121 @@ class InpaintingSamplingInferer(SamplingInferer):
             **start,
         )
         return out.clamp(-1.0, 1.0)
+
+
+class InpaintStyleInferer(InpaintingSamplingInferer):
+    """The polyp method's generation from a real target (Saragih et al. 2024; methods.md section 1.5): a new polyp
+    and its mask inside the target's dilated polyp region, styled toward the target.
+
+    `inputs` is the target (B, 4, S, S) in [-1, 1]: RGB, then the mask channel (> 0 is polyp). Per batch:
+
+    1. pass A, with ``inpaint`` (the seed's ``-inp``): RePaint (this class's scheduler, ``sampler="ddpm"`` with
+       ``jump_length``/``jump_n_sample`` in `scheduler_args`) generates all 4 channels inside the target's mask
+       dilated by a `mask_dilation` ellipse and keeps the target (RGB and mask) outside it. Without it, the seed's
+       unconditional start: zeros noised to the plan's first timestep after `style_skip_steps`, then plain steps;
+    2. pass B, with ``style`` (``-sty``): `meddiff.sampling.styling.style` noises pass A's result back by
+       `style_skip_steps` of a `style_steps`-step ancestral grid and guides it toward the target (`style_loss`);
+    3. with ``use_colormatch``: the RGB is mapped to the target's colour mean and covariance
+       (`meddiff.colour.mkl_transfer` on 8-bit values, as the seed);
+    4. the mask channel is thresholded at 0 and opened with a `mask_opening` ellipse (`meddiff.morphology`).
+
+    Returns (B, 4, S, S) in [-1, 1] with the mask channel in {-1, 1}. Both passes share the seeded generator.
+
+    Args:
+        mask_dilation: the inpainting region's ellipse size in pixels (seed: 20 at 256 px; 0: the mask itself).
+        mask_opening: the final mask's opening ellipse size (seed: 16 at 256 px; 0: no opening).
+        inpaint: run pass A as RePaint inpainting (else the unconditional partial start).
+        style: run pass B.
+        style_steps: the styling grid's steps (seed: 200).
+        style_skip_steps: moves of the styling grid skipped (seed: 80, so 120 guided steps).
+        use_noise_aug_all: guide on fac x0_hat + (1 - fac) x_t instead of x0_hat (the seed's flag).
+        use_colormatch: MKL colour matching to the target.
+        style_loss: `meddiff.sampling.styling.StylingLoss` keywords (term weights, ``vgg_weights``,
+            ``dino_weights``, ``zecon_blocks``, ...).
+        kwargs: the `SamplingInferer` settings (sampler, steps, scheduler_args with ``variance_type``,
+            ``jump_length``, ``jump_n_sample``).
+    """
+
+    def __init__(
+        self,
+        mask_dilation: int = 20,
+        mask_opening: int = 16,
+        inpaint: bool = True,
+        style: bool = True,
+        style_steps: int = 200,
+        style_skip_steps: int = 80,
+        use_noise_aug_all: bool = True,
+        use_colormatch: bool = True,
+        style_loss: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(skip_steps=0, conditioning="none", **kwargs)
+        self.mask_dilation, self.mask_opening = (
+            parse("mask_dilation", mask_dilation),
+            parse("mask_opening", mask_opening),
+        )
+        self.inpaint, self.style = parse("inpaint", inpaint), parse("style", style)
+        self.style_steps = parse("style_steps", style_steps)
+        self.style_skip_steps = parse("style_skip_steps", style_skip_steps)
+        self.use_noise_aug_all = parse("use_noise_aug_all", use_noise_aug_all)
+        self.use_colormatch = parse("use_colormatch", use_colormatch)
+        self.style_loss = dict(style_loss or {})
+        for steps, name in ((self.num_inference_steps, "num_inference_steps"), (self.style_steps, "style_steps")):
+            if self.style_skip_steps >= steps and (self.style or not self.inpaint):
+                raise OptionError(
+                    f"--style_skip_steps {self.style_skip_steps} leaves no step of the {steps}-step grid "
+                    f"(--{name}): choose fewer."
+                )
+
+    def _region(self, target: torch.Tensor) -> torch.Tensor:
+        """1 where pixels are generated: the target's mask dilated by the `mask_dilation` ellipse, (B, 1, S, S)."""
+        from meddiff.morphology import dilate
+
+        masks = (target[:, 3] > 0).cpu().numpy()
+        grown = [dilate(m, self.mask_dilation) if self.mask_dilation > 1 else m for m in masks]
+        return torch.from_numpy(np.stack(grown).astype(np.float32))[:, None].to(target.device)
+
+    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+        from meddiff.colour import mkl_transfer
+        from meddiff.morphology import open_mask
+        from meddiff.sampling.styling import style
+
+        target = inputs.float()
+        if self.inpaint:
+            out = super().run(target, network, scheduler, generator, known=1.0 - self._region(target))
+        else:
+            denoiser = conditioned(network, self.conditioning, None)
+            out = sample(
+                denoiser, scheduler, image=torch.zeros_like(target), skip_steps=self.style_skip_steps,
+                generator=generator, progress=self.progress, desc="generating",
+            )  # fmt: skip
+        if self.style:
+            style_scheduler = make_scheduler(
+                "ddpm", self.style_steps, self.num_train_timesteps, self.schedule, False, **self._variance()
+            )
+            dtype = next(network.parameters()).dtype
+            with torch.enable_grad():
+                out = style(
+                    network.float() if dtype != torch.float32 else network, style_scheduler, out, target, generator,
+                    skip_steps=self.style_skip_steps, noise_aug=self.use_noise_aug_all, progress=self.progress,
+                    **self.style_loss,
+                )  # fmt: skip
+        out = out.detach().float().clamp(-1.0, 1.0)
+        rgb, mask = out[:, :3], out[:, 3].cpu().numpy() > 0
+        if self.use_colormatch:
+            matched = []
+            for generated, reference in zip(rgb, target[:, :3]):
+                as8 = [((x.permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+                       for x in (generated, reference)]  # fmt: skip
+                matched.append(torch.from_numpy(mkl_transfer(*as8).astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+            rgb = torch.stack(matched).to(out.device)
+        if self.mask_opening > 1:
+            mask = np.stack([open_mask(m, self.mask_opening) for m in mask])
+        mask_channel = torch.from_numpy(np.where(mask, 1.0, -1.0).astype(np.float32))[:, None].to(out.device)
+        return torch.cat([rgb, mask_channel], dim=1)
+
+    def _variance(self) -> dict:
+        return {k: v for k, v in self.scheduler_args.items() if k == "variance_type"}
 
 
 class LatentSamplingInferer(SamplingInferer):

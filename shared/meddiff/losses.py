@@ -132,13 +132,21 @@ class HybridLoss(nn.Module):
 
     def forward(
         self,
-        model_output: torch.Tensor,
+        model_output: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         noise: torch.Tensor,
-        x_start: torch.Tensor,
-        x_t: torch.Tensor,
-        timesteps: torch.Tensor,
+        x_start: torch.Tensor | None = None,
+        x_t: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """L_simple + lambda T mean(L_t) for an (eps, v) model output at `timesteps`; a scalar (float32 or wider)."""
+        """L_simple + lambda T mean(L_t) for an (eps, v) model output at `timesteps`; a scalar (float32 or wider).
+
+        `model_output` may be the ``(model_output, x_start, x_t, timesteps)`` tuple of a
+        `meddiff.inferers.DiffusionTrainingInferer` with ``return_inputs=True``, as MONAI's trainer passes it.
+        """
+        if isinstance(model_output, (tuple, list)):
+            model_output, x_start, x_t, timesteps = model_output
+        if x_start is None or x_t is None or timesteps is None:
+            raise ValueError("HybridLoss needs x_start, x_t and timesteps (or the inferer's 4-tuple).")
         c = x_t.shape[1]
         dtype = torch.promote_types(model_output.dtype, torch.float32)
         mse = F.mse_loss(model_output[:, :c].to(dtype), noise.to(dtype))

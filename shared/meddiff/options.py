@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = {
         "float", low=0.0, high=1.0, high_open=True, hint="the fraction of training cases held out; 0 for no validation"
     ),
     "val_interval": Rule("int", low=1, hint="epochs between two validations"),
+    "save_interval": Rule("int", low=1, hint="epochs between two resumable checkpoints"),
     "num_val_timesteps": Rule("int", low=1, hint="timesteps each held-out item is scored at"),
     "learning_rate": Rule("float", low=0.0, high=1.0, low_open=True),
     "lr_warmup_steps": _COUNT,
@@ -204,6 +205,7 @@ RULES: dict[str, Rule] = {
     "mask_dilation": _COUNT,
     "mask_opening": _COUNT,
     "inpaint": _BOOL,
+    "include_full": _BOOL,
     "style": _BOOL,
     "use_noise_aug_all": _BOOL,
     "use_colormatch": _BOOL,

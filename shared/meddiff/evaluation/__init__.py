@@ -2,6 +2,7 @@
 
 - `meddiff.evaluation.generation`: mask-conditioned generation scored directly: realism (FID), diversity (MS-SSIM)
   and mask faithfulness (Dice of a segmenter trained on real images);
+- `meddiff.evaluation.pairs`: generated image + mask pairs (the polyp bundle): FID, MS-SSIM and the downstream test;
 - `meddiff.evaluation.downstream`: task networks trained on real, synthetic and real+synthetic data over several
   seeds, scored on a held-out real test split, with Student-t intervals and paired-by-seed differences.
 
@@ -23,6 +24,7 @@ from meddiff.evaluation.downstream import (
     train_and_score,
 )
 from meddiff.evaluation.generation import evaluate_mask_conditioned_generation, load_generated, segment
+from meddiff.evaluation.pairs import evaluate_pair_generation, read_generated_pairs
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -31,9 +33,11 @@ __all__ = [
     "arm_datasets",
     "compare_arms",
     "evaluate_mask_conditioned_generation",
+    "evaluate_pair_generation",
     "load_generated",
     "mean_ci",
     "random_flips",
+    "read_generated_pairs",
     "segment",
     "segmentation_comparison",
     "train_and_score",

@@ -1,0 +1,200 @@
+"""The polyp_cluster_generation bundle run as users run it: cluster -> train each cluster -> generate -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddiff.data.polyp import make_synthetic_polyps, read_pair
+from meddiff.demo import run_bundle
+from meddiff.errors import OptionError, find_user_error
+from meddiff.workflows import run_each_cluster
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "polyp_cluster_generation"
+CONFIGS = BUNDLE / "configs"
+QUIET = str(Path(__file__).resolve().parents[1] / "shared" / "meddiff" / "quiet_logging.conf")
+
+# a tiny network and the cheapest schedules that still run every stage
+TINY = {
+    "img_size": 32,
+    "num_clusters": 2,
+    "network_channels": [8, 16],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "resblock_updown": False,
+    "batch_size": 4,
+    "num_epochs": 1,
+    "num_targets": 2,
+    "num_inference_steps": 6,
+    "jump_length": 2,
+    "jump_n_sample": 2,
+    "style_steps": 4,
+    "style_skip_steps": 2,
+    "mask_dilation": 3,
+    "mask_opening": 2,
+    "zecon_lambda": 0.0,
+    "progress": False,
+}
+
+
+def run(run_id: str, configs: list[str], root: Path, data: Path, **overrides) -> None:
+    run_bundle(BUNDLE, run_id, configs, logging_file=QUIET, bundle_root=str(root), dataset_dir=str(data), **overrides)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """Synthetic polyps clustered into 2 clusters, one tiny model trained per cluster: (bundle_root, dataset)."""
+    tmp = tmp_path_factory.mktemp("polyp")
+    data = make_synthetic_polyps(tmp / "data", num_cases=12, size=48, seed=0)
+    root = tmp / "root"
+    torch.set_num_threads(1)
+    run("run", ["cluster.json"], root, data, **TINY)
+    run_each_cluster(BUNDLE, "training", ["train.json"], root, logging_file=QUIET, dataset_dir=str(data), **TINY)
+    return root, data
+
+
+def test_every_training_pair_gets_a_cluster_and_each_cluster_a_model(trained) -> None:
+    root, _ = trained
+    clusters = json.loads((root / "clusters" / "clusters.json").read_text())
+    assert clusters["num_clusters"] == 2 and sum(clusters["sizes"].values()) == len(clusters["assignments"])
+    assert len(clusters["assignments"]) == 9  # 12 pairs, 3 (20%, rounded up) held out for the downstream test
+    assert (root / "clusters" / "clusters.png").is_file()
+    for index in (0, 1):
+        folder = root / "models" / f"cluster_{index}"
+        settings = json.loads((folder / "model.json").read_text())["settings"]
+        assert settings["cluster_index"] == index and settings["img_size"] == 32
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert set(state) >= {"model", "ema", "optimizer"}
+        final = torch.load(folder / "model.pt", weights_only=True)
+        assert all(torch.equal(final[k], state["ema"][k]) for k in final)  # the weight average is what is written
+        assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_generation_writes_pairs_with_records_and_reproduces(trained, tmp_path) -> None:
+    root, data = trained
+    out_a, out_b, out_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run("run", ["inference.json"], root, data, cluster_index=0, output_dir=str(out_a), **TINY)
+    run("run", ["inference.json"], root, data, cluster_index=0, output_dir=str(out_b), **TINY)
+    run("run", ["inference.json"], root, data, cluster_index=0, output_dir=str(out_c), seed=5, **TINY)
+    manifest = json.loads((out_a / "generation.json").read_text())
+    assert len(manifest["pairs"]) == 2 and (out_a / "grid.png").is_file()
+    clusters = json.loads((root / "clusters" / "clusters.json").read_text())
+    for pair in manifest["pairs"]:
+        image = np.asarray(Image.open(out_a / pair["image"]))
+        mask = np.asarray(Image.open(out_a / pair["mask"]))
+        record = json.loads((out_a / pair["record"]).read_text())
+        assert image.shape == (32, 32, 3) and mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+        assert record["cluster"] == 0 and clusters["assignments"][record["target"]] == 0
+        assert record["settings"]["num_inference_steps"] == 6 and record["provenance"]["seed"] == record["seed"]
+        assert np.array_equal(pixels(out_b / pair["image"]), image)  # same seed, same pair
+        assert np.array_equal(pixels(out_b / pair["mask"]), mask)
+    first = manifest["pairs"][0]["image"]
+    assert not np.array_equal(pixels(out_c / first), pixels(out_a / first))
+    with pytest.raises(Exception) as err:  # nothing is silently replaced
+        run("run", ["inference.json"], root, data, cluster_index=0, output_dir=str(out_a), **TINY)
+    assert "already" in str(find_user_error(err.value))
+
+
+def test_inpainting_keeps_the_target_outside_its_dilated_polyp(trained, tmp_path) -> None:
+    root, data = trained
+    out = tmp_path / "inpainted"
+    settings = {**TINY, "style": False, "use_colormatch": False, "mask_opening": 0}
+    run("run", ["inference.json"], root, data, cluster_index=1, output_dir=str(out), **settings)
+    from meddiff.morphology import dilate
+
+    for name in (p.stem for p in (out / "records").glob("*.json")):
+        record = json.loads((out / "records" / f"{name}.json").read_text())
+        target, mask = read_pair(record["target_image"], record["target_mask"], 32)
+        keep = ~dilate(mask[0].astype(bool), 3)
+        generated = np.asarray(Image.open(out / "images" / f"{name}.png"), dtype=np.float32)
+        expected = (np.moveaxis(target, 0, -1) + 1.0) * 127.5
+        assert keep.sum() > 500
+        assert np.abs(generated[keep] - expected[keep]).max() <= 1.0  # the target itself, up to 8-bit rounding
+        generated_mask = np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0
+        assert not (generated_mask & keep & ~mask[0].astype(bool)).any()  # the mask outside the region is the target's
+
+
+def test_evaluation_scores_fid_diversity_and_the_downstream_arms(trained, tmp_path) -> None:
+    root, data = trained
+    generated = tmp_path / "generated"
+    for index in (0, 1):
+        out = str(generated / f"cluster_{index}")
+        run("run", ["inference.json"], root, data, cluster_index=index, output_dir=out, **TINY)
+    settings = {**TINY, "downstream_seeds": [0, 1], "downstream_epochs": 1, "downstream_features": [4, 4, 8, 8, 8, 4]}
+    metrics_file = tmp_path / "metrics.json"
+    run(
+        "evaluate", ["inference.json", "evaluate.json"], root, data, generated_dir=str(generated),
+        metrics_file=str(metrics_file), grid_file=str(tmp_path / "grid.png"), **settings,
+    )  # fmt: skip
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["num_generated"] == 4 and metrics["num_real_training"] == 9 and metrics["num_real_test"] == 3
+    assert metrics["fid"]["overall"] > 0 and set(metrics["fid"]["per_cluster"]) == {"cluster_0", "cluster_1"}
+    assert 0 < metrics["ms_ssim"]["generated"] <= 1 and 0 < metrics["ms_ssim"]["real"] <= 1
+    arms = metrics["downstream"]["arms"]
+    assert set(arms) == {"real", "synthetic", "real+synthetic"}
+    for arm in arms.values():
+        dice = arm["mean"]["dice"]
+        assert set(arm["per_seed"]) == {"0", "1"} and dice["low"] <= dice["mean"] <= dice["high"]
+    assert set(metrics["downstream"]["differences"]) == {"synthetic", "real+synthetic"}
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_cluster_index_out_of_range_is_one_clear_error(trained) -> None:
+    root, data = trained
+    with pytest.raises(Exception) as err:
+        run("training", ["train.json"], root, data, cluster_index=2, **TINY)
+    found = find_user_error(err.value)
+    assert isinstance(found, OptionError) and "--cluster_index 2" in str(found) and "0 to 1" in str(found)
+
+
+def test_more_clusters_than_pairs_is_refused_before_any_work(tmp_path) -> None:
+    data = make_synthetic_polyps(tmp_path / "data", num_cases=4, size=48, seed=0)
+    with pytest.raises(Exception) as err:
+        run("run", ["cluster.json"], tmp_path / "root", data, **{**TINY, "num_clusters": 5})
+    assert "--num_clusters" in str(find_user_error(err.value))
+    assert not (tmp_path / "root" / "clusters").exists()
+
+
+def test_clusters_command_trains_every_cluster_and_resumes(trained, tmp_path) -> None:
+    root, data = trained
+    copy = tmp_path / "root"
+    shutil.copytree(root / "clusters", copy / "clusters")
+    settings = [f"--{k}={json.dumps(v)}" for k, v in TINY.items() if k != "num_clusters"]
+    command = [sys.executable, "-m", "meddiff", "clusters", "training", "--bundle_root", str(copy), "--dataset_dir"]
+    first = subprocess.run([*command, str(data), *settings], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "training done for 2 model(s)" in first.stdout
+    checkpoints = [copy / "models" / f"cluster_{i}" / "checkpoint.pt" for i in (0, 1)]
+    assert [torch.load(c, weights_only=True)["epoch"] for c in checkpoints] == [1, 1]
+    more = [s if not s.startswith("--num_epochs") else "--num_epochs=2" for s in settings]
+    second = subprocess.run([*command, str(data), *more], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [torch.load(c, weights_only=True)["epoch"] for c in checkpoints] == [2, 2]  # each from its checkpoint
+    bad = subprocess.run([*command, str(data), "--num_epoch", "2"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --num_epoch is not")
+
+
+def test_verdict_says_plainly_when_pairs_lack_polyps() -> None:
+    from meddiff.evaluation.pairs import pair_verdict
+
+    good = {"mask_fraction": {"generated": 0.10, "real": 0.12}, "pairs_with_a_polyp": 0.9}
+    assert not pair_verdict(good).startswith("undertrained") and "90%" in pair_verdict(good)
+    empty = {"mask_fraction": {"generated": 0.01, "real": 0.12}, "pairs_with_a_polyp": 0.25}
+    verdict = pair_verdict(empty)
+    assert verdict.startswith("undertrained") and "25%" in verdict and "1.00%" in verdict and "12.00%" in verdict
+    too_big = {"mask_fraction": {"generated": 0.40, "real": 0.12}, "pairs_with_a_polyp": 1.0}
+    assert pair_verdict(too_big).startswith("undertrained: generated masks cover 40.00%")
