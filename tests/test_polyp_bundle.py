@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -198,3 +199,29 @@ def test_verdict_says_plainly_when_pairs_lack_polyps() -> None:
     assert verdict.startswith("undertrained") and "25%" in verdict and "1.00%" in verdict and "12.00%" in verdict
     too_big = {"mask_fraction": {"generated": 0.40, "real": 0.12}, "pairs_with_a_polyp": 1.0}
     assert pair_verdict(too_big).startswith("undertrained: generated masks cover 40.00%")
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_multi_gpu_overlay_trains_one_cluster_under_torchrun_cpu(trained, tmp_path) -> None:
+    root, data = trained
+    copy = tmp_path / "root"
+    shutil.copytree(root / "clusters", copy / "clusters")
+    configs = [str(CONFIGS / c) for c in ("train.json", "multi_gpu_train.json")]
+    network = ("img_size", "network_channels", "attention_levels", "num_res_blocks", "num_head_channels")
+    overrides = [f"--{k}={json.dumps(TINY[k])}" for k in (*network, "norm_num_groups", "resblock_updown")]
+    command = [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(copy), "--dataset_dir", str(data), "--cluster_index", "1", "--num_epochs", "1",
+        "--batch_size", "2", "--val_interval", "1", *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = copy / "models" / "cluster_1"
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # saved unwrapped, loadable by inference.json
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (folder / "model_best.pt").is_file()
+    assert (result.stdout + result.stderr).count("Metrics -- val_loss") == 1  # only rank 0 logs
