@@ -85,6 +85,7 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "px64_ep300": ({"img_size": 64, "num_epochs": 300}, {}),
     "ep2400": ({"num_epochs": 2400}, {}),
     "train64_ep150_lr3e-4": ({"num_epochs": 150, "learning_rate": 3e-4}, {"num_train": 64}),  # 1200 iterations
+    "no_ema": ({"ema_decay": 0.0}, {}),  # the raw weights, as the demo sampled before the weight average
 }
 QUICK = {"num_epochs": 2}
 

@@ -74,6 +74,9 @@ def test_every_training_pair_gets_a_cluster_and_each_cluster_a_model(trained) ->
     assert clusters["num_clusters"] == 2 and sum(clusters["sizes"].values()) == len(clusters["assignments"])
     assert len(clusters["assignments"]) == 9  # 12 pairs, 3 (20%, rounded up) held out for the downstream test
     assert (root / "clusters" / "clusters.png").is_file()
+    datalist = json.loads((root / "clusters" / "datalist.json").read_text())  # the assignment as a datalist field
+    assert {i["name"]: i["cluster"] for i in datalist["training"]} == clusters["assignments"]
+    assert len(datalist["testing"]) == 3 and all("cluster" not in i for i in datalist["testing"])
     for index in (0, 1):
         folder = root / "models" / f"cluster_{index}"
         settings = json.loads((folder / "model.json").read_text())["settings"]
