@@ -228,3 +228,23 @@ def test_multi_gpu_overlay_trains_one_cluster_under_torchrun_cpu(trained, tmp_pa
     assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert (folder / "model_best.pt").is_file()
     assert (result.stdout + result.stderr).count("Metrics -- val_loss") == 1  # only rank 0 logs
+
+
+def test_targets_cycle_as_the_seed_or_are_drawn_with_a_seed() -> None:
+    from meddiff.pairs import pair_targets
+
+    items = [{"name": n, "image": f"/d/images/{n}.jpg", "label": f"/d/masks/{n}.jpg"} for n in ("a", "b", "c")]
+    cycled = pair_targets(items, samples_per_image=2, num_targets=2, seed=10, cluster_index=4)
+    # iteration it takes files[it % 3]: a, b, c, a for 2 targets x 2 samples
+    assert [t["target"] for t in cycled] == ["a", "b", "c", "a"]
+    assert [t["name"] for t in cycled] == ["a_0", "b_0", "c_0", "a_1"]
+    assert [t["seed"] for t in cycled] == [10, 11, 12, 13]
+    assert {t["cluster"] for t in cycled} == {4}
+    every = pair_targets(items)
+    assert [t["name"] for t in every] == ["a_0", "b_0", "c_0"] and every[0]["cluster"] == -1
+    drawn = pair_targets(items, samples_per_image=2, num_targets=3, target_selection="random", seed=3)
+    again = pair_targets(items, samples_per_image=2, num_targets=3, target_selection="random", seed=3)
+    assert drawn == again and len(drawn) == 6
+    assert [t["target"] for t in drawn[::2]] == [t["target"] for t in drawn[1::2]]  # each drawn target sampled twice
+    with pytest.raises(OptionError, match="target_selection"):
+        pair_targets(items, target_selection="first")
