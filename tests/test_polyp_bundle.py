@@ -202,6 +202,25 @@ def test_verdict_says_plainly_when_pairs_lack_polyps() -> None:
     assert verdict.startswith("undertrained") and "25%" in verdict and "1.00%" in verdict and "12.00%" in verdict
     too_big = {"mask_fraction": {"generated": 0.40, "real": 0.12}, "pairs_with_a_polyp": 1.0}
     assert pair_verdict(too_big).startswith("undertrained: generated masks cover 40.00%")
+    speckle = {**good, "mask_largest_piece": {"generated": 0.2, "real": 0.98}}
+    assert pair_verdict(speckle).startswith("undertrained: the generated masks are speckle") and "20%" in pair_verdict(
+        speckle
+    )
+
+
+def test_largest_piece_by_hand() -> None:
+    from meddiff.evaluation.pairs import largest_piece
+
+    blob = np.zeros((1, 1, 8, 8))
+    blob[0, 0, 1:4, 1:4] = 1  # 9 pixels in one piece
+    two = blob.copy()
+    two[0, 0, 6, 6] = 1  # 9 + 1: the largest piece holds 90%
+    dots = np.zeros((1, 1, 8, 8))
+    dots[0, 0, ::3, ::3] = 1  # 9 isolated pixels: 1/9 each
+    assert largest_piece(blob) == 1.0 and largest_piece(two) == pytest.approx(0.9)
+    assert largest_piece(dots) == pytest.approx(1 / 9)
+    assert largest_piece(np.concatenate([blob, dots, np.zeros((1, 1, 8, 8))])) == pytest.approx((1 + 1 / 9) / 2)
+    assert largest_piece(np.zeros((2, 1, 4, 4))) is None
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
@@ -248,3 +267,32 @@ def test_targets_cycle_as_the_seed_or_are_drawn_with_a_seed() -> None:
     assert [t["target"] for t in drawn[::2]] == [t["target"] for t in drawn[1::2]]  # each drawn target sampled twice
     with pytest.raises(OptionError, match="target_selection"):
         pair_targets(items, target_selection="first")
+
+
+def test_style_weights_keep_the_seeds_pull_per_pixel_at_other_sizes(monkeypatch) -> None:
+    import meddiff.sampling.styling as styling
+    from meddiff.inferers import InpaintStyleInferer
+
+    seen = {}
+
+    def fake_style(network, scheduler, source, target, generator, **kwargs):
+        seen.update(kwargs)
+        return source
+
+    monkeypatch.setattr(styling, "style", fake_style)
+    inferer = InpaintStyleInferer(
+        sampler="ddpm", inpaint=False, use_colormatch=False, mask_opening=0, num_inference_steps=4, style_steps=4,
+        style_skip_steps=1,
+        style_loss={"l2_target": 10000.0, "range": 200.0, "zecon": 0.0, "dino_weights": None}, clip_sample=False,
+        scheduler_args={"variance_type": "learned_range"},
+    )  # fmt: skip
+    class Net(torch.nn.Conv2d):  # pass A's network: (x, timesteps) -> (eps, v)
+        def forward(self, x, timesteps=None):
+            return super().forward(x)
+
+    net = Net(4, 8, 1)
+    inferer(torch.zeros(1, 4, 32, 32), net)
+    assert seen["l2_target"] == pytest.approx(10000.0 / 64) and seen["range"] == pytest.approx(200.0 / 64)
+    assert seen["zecon"] == 0.0 and seen["dino_weights"] is None
+    inferer(torch.zeros(1, 4, 256, 256), net)
+    assert seen["l2_target"] == pytest.approx(10000.0)  # the seed's weights at the seed's size

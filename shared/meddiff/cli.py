@@ -112,7 +112,7 @@ def _check_settings(bundle: str, settings: dict[str, Any], demo: bool = True) ->
 def _scalars(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for key, value in metrics.items():
-        if key == "per_image":
+        if key in ("per_image", "per_seed", "settings"):
             continue
         if key == "verdict":
             continue

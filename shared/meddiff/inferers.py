@@ -52,6 +52,8 @@ __all__ = [
 
 
 ENSEMBLE_OUTPUTS = ("samples", "frequency", "majority")
+# the styling loss's term weights (`meddiff.sampling.styling.StylingLoss`), scaled with the image size
+STYLE_WEIGHTS = ("l2_target", "range", "zecon", "mse_source", "vgg", "dino_target", "dino_direction")
 
 
 def _conditioning(conditioning: Conditioning | str, channels_last: bool = False) -> Conditioning:
@@ -315,7 +317,11 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
         use_noise_aug_all: guide on fac x0_hat + (1 - fac) x_t instead of x0_hat (the seed's flag).
         use_colormatch: MKL colour matching to the target.
         style_loss: `meddiff.sampling.styling.StylingLoss` keywords (term weights, ``vgg_weights``,
-            ``dino_weights``, ``zecon_blocks``, ...).
+            ``dino_weights``, ``zecon_blocks``, ...). The term weights are the seed's at `weight_reference_size`;
+            at S px they are multiplied by (S / weight_reference_size)^2: the terms are means over pixels, so this
+            keeps the pull on each pixel what the seed's weights give at its size (at 32 px the seed's weights
+            unchanged are 64 times stronger per pixel, and the styling diverges).
+        weight_reference_size: the image size the style loss weights are set for (the seed's 256).
         kwargs: the `SamplingInferer` settings (sampler, steps, scheduler_args with ``variance_type``,
             ``jump_length``, ``jump_n_sample``).
     """
@@ -331,9 +337,11 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
         use_noise_aug_all: bool = True,
         use_colormatch: bool = True,
         style_loss: dict | None = None,
+        weight_reference_size: int = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(skip_steps=0, conditioning="none", **kwargs)
+        self.weight_reference_size = parse("img_size", weight_reference_size)
         self.mask_dilation, self.mask_opening = (
             parse("mask_dilation", mask_dilation),
             parse("mask_opening", mask_opening),
@@ -378,11 +386,13 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
                 "ddpm", self.style_steps, self.num_train_timesteps, self.schedule, False, **self._variance()
             )
             dtype = next(network.parameters()).dtype
+            scale = target.shape[-2] * target.shape[-1] / self.weight_reference_size**2
+            weights = {k: v * scale for k, v in self.style_loss.items() if k in STYLE_WEIGHTS and v is not None}
             with torch.enable_grad():
                 out = style(
                     network.float() if dtype != torch.float32 else network, style_scheduler, out, target, generator,
                     skip_steps=self.style_skip_steps, noise_aug=self.use_noise_aug_all, progress=self.progress,
-                    **self.style_loss,
+                    **{**self.style_loss, **weights},
                 )  # fmt: skip
         out = out.detach().float().clamp(-1.0, 1.0)
         rgb, mask = out[:, :3], out[:, 3].cpu().numpy() > 0

@@ -31,7 +31,7 @@ from meddiff.io import check_new_output, save_json
 from meddiff.options import parse
 from meddiff.verdicts import size_matches, verdict
 
-__all__ = ["evaluate_pair_generation", "pair_verdict", "read_generated_pairs"]
+__all__ = ["evaluate_pair_generation", "largest_piece", "pair_verdict", "read_generated_pairs", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,22 +174,40 @@ def evaluate_pair_generation(
         _grid(generated, grid_file, grid_rows, img_size)
     per_pair = fake_masks.reshape(len(fake_masks), -1).mean(axis=1)
     metrics["pairs_with_a_polyp"] = float((per_pair > 0).mean())
+    metrics["mask_largest_piece"] = {"generated": largest_piece(fake_masks), "real": largest_piece(real_masks)}
     metrics["verdict"] = pair_verdict(metrics)
     (logger.warning if metrics["verdict"].startswith("undertrained") else logger.info)(metrics["verdict"])
     save_json(metrics, metrics_file, overwrite=overwrite)
     return metrics
 
 
+def largest_piece(masks: np.ndarray) -> float | None:
+    """The mean, over masks (N, 1, H, W) with any foreground, of the share of their foreground pixels that lie in
+    their largest 8-connected piece: about 1 for polyp masks (one or two blobs), low for speckle. None: all empty."""
+    from scipy import ndimage
+
+    shares = []
+    for mask in np.asarray(masks) > 0.5:
+        labels, count = ndimage.label(mask[0], structure=np.ones((3, 3), dtype=bool))
+        if count:
+            shares.append(np.bincount(labels.ravel())[1:].max() / mask.sum())
+    return float(np.mean(shares)) if shares else None
+
+
 def pair_verdict(metrics: dict) -> str:
     """A plain sentence on whether the generated pairs carry polyps like the real ones, from the metrics.
 
-    Undertrained when fewer than half of the generated pairs have a polyp in their mask, or when the generated masks
-    cover less than 1/3 or more than 3x the real masks' share of the pixels.
+    Undertrained when fewer than half of the generated pairs have a polyp in their mask, when the generated masks
+    cover less than 1/3 or more than 3x the real masks' share of the pixels, or when they are speckle rather than
+    blobs: their largest connected piece holds on average less than half of their foreground (`largest_piece`).
     """
     fake, real = metrics["mask_fraction"]["generated"], metrics["mask_fraction"]["real"]
     with_polyp, problems = metrics["pairs_with_a_polyp"], []
     if with_polyp < 0.5:
         problems.append(f"only {100 * with_polyp:.0f}% of the generated pairs have a polyp in their mask")
+    piece = (metrics.get("mask_largest_piece") or {}).get("generated")
+    if piece is not None and piece < 0.5:
+        problems.append(f"the generated masks are speckle: their largest piece holds {100 * piece:.0f}% of the mask")
     if not size_matches(fake, real):
         problems.append(f"generated masks cover {100 * fake:.2f}% of the pixels, real masks {100 * real:.2f}%")
     return verdict(
@@ -211,3 +229,25 @@ def _grid(generated: dict, grid_file: Path, rows: int, img_size: int) -> None:
             row = [target, target_mask, image, mask]
             tiles.append([to_rgb_tile(x, (0, 1) if x.shape[0] == 1 else (-1, 1)) for x in row])
     save_grid(tiles, grid_file, column_labels=GRID_COLUMNS)
+
+
+def summary(metrics: dict) -> str:
+    """The lines a person reads last: FID and diversity, the downstream arms and difference, then the verdict."""
+    fid, ms = metrics["fid"]["overall"], metrics["ms_ssim"]
+    lines = [
+        f"{metrics['num_generated']} generated pairs: FID {'n/a' if fid is None else f'{fid:.1f}'} against "
+        f"{metrics['num_real_training']} real training images; MS-SSIM {ms['generated'] or float('nan'):.3f} "
+        f"(real {ms['real'] or float('nan'):.3f}; lower is more diverse)"
+    ]
+    downstream = metrics.get("downstream")
+    if downstream:
+        arms = ", ".join(f"{arm} {v['mean']['dice']['mean']:.3f}" for arm, v in downstream["arms"].items())
+        lines.append(f"downstream Dice on {metrics['num_real_test']} real test pairs: {arms}")
+        for arm, diff in downstream["differences"].items():
+            d = diff["dice"]
+            lines.append(
+                f"  {arm} minus {downstream['reference']}: {d['mean']:+.3f} "
+                f"(95% CI {d['low']:+.3f} to {d['high']:+.3f}, {d['n']} seeds)"
+            )
+    lines.append(metrics["verdict"])
+    return "\n".join(lines)
