@@ -286,6 +286,7 @@ def test_style_weights_keep_the_seeds_pull_per_pixel_at_other_sizes(monkeypatch)
         style_loss={"l2_target": 10000.0, "range": 200.0, "zecon": 0.0, "dino_weights": None}, clip_sample=False,
         scheduler_args={"variance_type": "learned_range"},
     )  # fmt: skip
+
     class Net(torch.nn.Conv2d):  # pass A's network: (x, timesteps) -> (eps, v)
         def forward(self, x, timesteps=None):
             return super().forward(x)
