@@ -385,12 +385,11 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
             style_scheduler = make_scheduler(
                 "ddpm", self.style_steps, self.num_train_timesteps, self.schedule, False, **self._variance()
             )
-            dtype = next(network.parameters()).dtype
             scale = target.shape[-2] * target.shape[-1] / self.weight_reference_size**2
             weights = {k: v * scale for k, v in self.style_loss.items() if k in STYLE_WEIGHTS and v is not None}
             with torch.enable_grad():
                 out = style(
-                    network.float() if dtype != torch.float32 else network, style_scheduler, out, target, generator,
+                    network, style_scheduler, out, target, generator,
                     skip_steps=self.style_skip_steps, noise_aug=self.use_noise_aug_all, progress=self.progress,
                     **{**self.style_loss, **weights},
                 )  # fmt: skip
