@@ -295,5 +295,6 @@ def test_style_weights_keep_the_seeds_pull_per_pixel_at_other_sizes(monkeypatch)
     inferer(torch.zeros(1, 4, 32, 32), net)
     assert seen["l2_target"] == pytest.approx(10000.0 / 64) and seen["range"] == pytest.approx(200.0 / 64)
     assert seen["zecon"] == 0.0 and seen["dino_weights"] is None
+    assert seen["mse_source"] == pytest.approx(5000.0 / 64)  # a weight left at StylingLoss's default is scaled too
     inferer(torch.zeros(1, 4, 256, 256), net)
     assert seen["l2_target"] == pytest.approx(10000.0)  # the seed's weights at the seed's size

@@ -386,7 +386,8 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
                 "ddpm", self.style_steps, self.num_train_timesteps, self.schedule, False, **self._variance()
             )
             scale = target.shape[-2] * target.shape[-1] / self.weight_reference_size**2
-            weights = {k: v * scale for k, v in self.style_loss.items() if k in STYLE_WEIGHTS and v is not None}
+            given = {**_style_weight_defaults(), **self.style_loss}
+            weights = {k: v * scale for k, v in given.items() if k in STYLE_WEIGHTS and v is not None}
             with torch.enable_grad():
                 out = style(
                     network, style_scheduler, out, target, generator,
@@ -409,6 +410,16 @@ class InpaintStyleInferer(InpaintingSamplingInferer):
 
     def _variance(self) -> dict:
         return {k: v for k, v in self.scheduler_args.items() if k == "variance_type"}
+
+
+def _style_weight_defaults() -> dict:
+    """The styling loss's default term weights (`meddiff.sampling.styling.StylingLoss`), the seed's."""
+    import inspect
+
+    from meddiff.sampling.styling import StylingLoss
+
+    parameters = inspect.signature(StylingLoss.__init__).parameters
+    return {name: parameters[name].default for name in STYLE_WEIGHTS}
 
 
 class LatentSamplingInferer(SamplingInferer):
