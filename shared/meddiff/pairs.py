@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from meddiff.data.errors import DataError
+from meddiff.data.inference import as_numpy
 from meddiff.io import save_json, save_png, to_uint8
 from meddiff.options import parse
 from meddiff.visualize import save_grid, to_rgb_tile
@@ -133,7 +134,7 @@ class PairWriter(StagedWriter):
     def write(self, engine: Any, item: dict, output: dict) -> None:  # noqa: D102
         name = item["name"]
         entry = self.items[name]
-        pred = np.asarray(_numpy(output["pred"]), dtype=np.float32)  # (4, S, S) in [-1, 1]
+        pred = np.asarray(as_numpy(output["pred"]), dtype=np.float32)  # (4, S, S) in [-1, 1]
         image_file, mask_file, record_file = self._files(name)
         rgb = np.moveaxis(to_uint8(pred[:3]), 0, -1)
         mask = np.where(pred[3] > 0, 255, 0).astype(np.uint8)
@@ -158,7 +159,7 @@ class PairWriter(StagedWriter):
         )
         self.written.append(name)
         if len(self.rows) < self.grid_size:
-            target = np.asarray(_numpy(item["image"]), dtype=np.float32)  # (4, S, S): the target and its mask
+            target = np.asarray(as_numpy(item["image"]), dtype=np.float32)  # (4, S, S): the target and its mask
             self.rows.append(
                 [to_rgb_tile(target[:3]), to_rgb_tile(target[3:4]), to_rgb_tile(pred[:3]), to_rgb_tile(pred[3:4])]
             )
@@ -175,7 +176,3 @@ class PairWriter(StagedWriter):
             {"kind": "pairs", "pairs": pairs, "settings": self.settings}, self.path(self.output_dir / "generation.json")
         )
         return {"output_dir": str(self.output_dir), "pairs": len(pairs)}
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
