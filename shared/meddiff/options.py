@@ -213,6 +213,17 @@ RULES: dict[str, Rule] = {
     "style_skip_steps": _COUNT,
     "downstream_seeds": Rule("ints", low=0),
     "downstream_epochs": _POSITIVE_INT,
+    # nuclei layouts (MoNuSeg)
+    "patch_size": Rule("int", low=16, high=4096, hint="the side of the patches cut from each tile; the seed's is 128"),
+    "drop_rate": Rule("float", low=0.0, high=1.0, hint="the share of training samples whose condition is nulled"),
+    "drop_hvb_only": _BOOL,
+    "pairing": Rule("choice", choices=("match_struct", "shuffle", "self")),
+    "samples_per_structure": _POSITIVE_INT,
+    "num_structures": Rule("int", low=1, optional=True, hint="leave it out to take every patch of the cluster once"),
+    "cluster_method": Rule("choice", choices=("kmeans", "umap_hdbscan")),
+    "downstream_ratios": Rule("ints", low=1, hint="synthetic per real patch in each real+synthetic arm, e.g. [1, 2]"),
+    "coreset_fraction": Rule("float", low=0.0, high=1.0, low_open=True, hint="the memory bank's share of patches"),
+    "ood_filter": _BOOL,
     # DICOM nodule path
     "crop_size": Rule("int", low=8, high=4096),
     "crop_spacing_mm": Rule(
