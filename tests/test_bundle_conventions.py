@@ -68,3 +68,18 @@ def test_configs_define_the_standard_ids(bundle: Path) -> None:
         assert key in inference, f"{bundle.name}/configs/inference.json lacks {key}"
     imports = inference["imports"]
     assert "$import meddiff" in imports
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_boolean_network_settings_from_the_command_line_are_booleans(bundle: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    levels = parser["attention_levels"]
+    parser["attention_levels"] = ["false"] * (len(levels) - 1) + ["true"]  # how Fire hands over "[false,...,true]"
+    if "resblock_updown" in parser:
+        parser["resblock_updown"] = "false"
+    settings = next(key for key in ("model_settings", "architecture") if f"{key}#attention_levels" in parser)
+    expected = [False] * (len(levels) - 1) + [True]
+    assert parser.get_parsed_content(f"{settings}#attention_levels", instantiate=False) == expected
+    if f"{settings}#resblock_updown" in parser:
+        assert parser.get_parsed_content(f"{settings}#resblock_updown", instantiate=False) is False

@@ -1,4 +1,9 @@
-"""Tests for meddiff.clustering: k-means of image/mask pairs on image + mask features (the polyp method's clusters)."""
+"""Tests for meddiff.clustering: k-means of image/mask pairs on image + mask features (the polyp method's clusters),
+and UMAP + HDBSCAN of patches read by an item reader on image features (the nuclei method's clusters).
+
+The UMAP tests are marked slow: the first UMAP fit in a process compiles umap-learn's numba code (about 25-35 s on
+one core); every later fit takes a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,15 @@ from meddiff.clustering import (
     CLUSTERS_FILE,
     CLUSTERS_GRID,
     KMEANS_N_INIT,
+    NOISE,
+    UMAP_MIN_DIST,
     cluster_members,
     cluster_pairs,
     kmeans,
     pair_features,
     read_clusters,
+    silhouette,
+    umap_hdbscan,
 )
 from meddiff.errors import OptionError, UserError
 from meddiff.features import ImageFeatures
@@ -294,3 +303,307 @@ def test_default_inception_gives_4096_d_pair_features():
     pairs = [_pair(g, i) for i, g in enumerate((0, 1, 2, 0))]
     out = pair_features(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
     assert out.shape == (4, 4096) and out.dtype == np.float64 and np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------- UMAP + HDBSCAN, item readers
+
+UMAP_OPTIONS = {"umap_neighbors": 10, "min_samples": 4, "min_cluster_size": 8}
+slow_umap = pytest.mark.slow  # the first UMAP fit of the process compiles numba code (module docstring)
+
+
+def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(54, SIZE) features: two blobs of 24 points and a far group of 6, smaller than min_cluster_size; its truth
+    (0, 1, and -1 for the far group)."""
+    rng = np.random.default_rng(seed)
+    far = rng.normal(0, 0.3, (6, SIZE)) + np.array([-8.0, 20.0] * (SIZE // 2))
+    x = np.concatenate([rng.normal(0, 1, (24, SIZE)), rng.normal(5, 1, (24, SIZE)), far])
+    return x, np.repeat([0, 1, NOISE], [24, 24, 6])
+
+
+class RowFeatures:
+    """A fake feature network: the first row of the red channel, (n, SIZE); the item reader writes features there."""
+
+    value_range = (-1.0, 1.0)
+    batch_size = 8
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        self.calls.append(images.clone())
+        return images[:, 0, 0, :].double().numpy()
+
+
+def _instances(size: int = SIZE) -> np.ndarray:
+    """Two touching square nuclei (ids 1 and 2) and a separate one (id 3)."""
+    inst = np.zeros((size, size), np.int32)
+    inst[4:8, 2:6], inst[4:8, 6:10], inst[11:14, 11:14] = 1, 2, 3
+    return inst
+
+
+class FakeItemReader:
+    """item_reader(item) over in-memory patches: the image carries the item's feature vector in its first row."""
+
+    def __init__(self, features: dict[str, np.ndarray], labelled: bool = True) -> None:
+        self.features, self.labelled, self.calls = features, labelled, []
+
+    def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        self.calls.append(item)
+        y0, x0, size = item["box"]
+        image = np.full((3, size, size), -0.5, np.float32)
+        image[0, 0] = self.features[item["name"]] / 25.0  # within [-1, 1]; StandardScaler undoes the scale
+        return image, (_instances(size) if self.labelled else None)
+
+
+def _patches(root: Path, x: np.ndarray, labelled: bool = True) -> tuple[list[dict], FakeItemReader]:
+    """Nuclei-style items (a tile, an annotation XML and a box; no "label"), one per feature row."""
+    items, features = [], {}
+    for i, row in enumerate(x):
+        slide = f"TCGA-{i % 3}"
+        name = f"{slide}_{i:03d}"
+        tile = str(root / "Tissue_Images" / f"{slide}.tif")
+        items.append(
+            {"name": name, "slide": slide, "image": tile, "annotation": tile[:-4] + ".xml", "box": [0, i, SIZE]}
+        )
+        features[name] = row
+    return items, FakeItemReader(features, labelled)
+
+
+def test_first_appearance_naming_keeps_noise():
+    from meddiff.clustering import _first_appearance
+
+    got = _first_appearance(np.array([-1, 5, 5, 2, -1, 7, 2]))
+    np.testing.assert_array_equal(got, [-1, 0, 0, 1, -1, 2, 1])
+    np.testing.assert_array_equal(_first_appearance(np.array([-1, -1])), [-1, -1])
+
+
+def test_silhouette_of_non_noise_points_by_hand():
+    points = np.array([[0.0], [1.0], [10.0], [11.0], [100.0]])
+    labels = np.array([0, 0, 1, 1, NOISE])
+    # a = 1 for every point; b = mean distance to the other cluster: 10.5, 9.5, 9.5, 10.5; the noise point is left out
+    expected = (2 * (10.5 - 1) / 10.5 + 2 * (9.5 - 1) / 9.5) / 4
+    assert silhouette(points, labels) == pytest.approx(expected)
+    assert silhouette(points, np.array([0, 0, 0, 0, NOISE])) is None
+    assert silhouette(points[:2], np.array([0, 1])) is None  # one point per cluster: undefined
+
+
+@slow_umap
+def test_umap_hdbscan_finds_two_blobs_is_repeatable_and_is_the_pipeline():
+    import umap
+    from sklearn.cluster import HDBSCAN
+    from sklearn.preprocessing import StandardScaler
+
+    x, truth = _blobs()
+    labels, embedding = umap_hdbscan(x, n_neighbors=10, min_samples=4, min_cluster_size=8, seed=42)
+    assert labels.dtype == np.int64 and embedding.shape == (54, 3) and embedding.dtype == np.float32
+    np.testing.assert_array_equal(labels, truth)  # both blobs found, the small far group is noise
+    again, embedding_again = umap_hdbscan(x, n_neighbors=10, min_samples=4, min_cluster_size=8, seed=42)
+    np.testing.assert_array_equal(again, labels)
+    np.testing.assert_array_equal(embedding_again, embedding)
+    # the same as StandardScaler -> UMAP -> HDBSCAN by hand, up to the names of the clusters
+    reference = umap.UMAP(n_components=3, n_neighbors=10, min_dist=UMAP_MIN_DIST, random_state=42, n_jobs=1)
+    by_hand = reference.fit_transform(StandardScaler().fit_transform(x))
+    np.testing.assert_allclose(embedding, by_hand, rtol=1e-6)
+    hand_labels = HDBSCAN(min_samples=4, min_cluster_size=8, copy=True).fit_predict(by_hand)
+    assert ((hand_labels == -1) == (labels == NOISE)).all() and _same_partition(labels[:48], hand_labels[:48])
+
+
+def test_umap_hdbscan_refuses_bad_options():
+    x, _ = _blobs()
+    with pytest.raises(OptionError, match="--min_cluster_size must be >= 2"):
+        umap_hdbscan(x, min_cluster_size=1)
+    with pytest.raises(OptionError, match="--umap_neighbors must be >= 2"):
+        umap_hdbscan(x, n_neighbors=1)
+    with pytest.raises(OptionError, match=r"--seed must be >= 0 and <= 4.29497e\+09, got 4294967296"):
+        umap_hdbscan(x, seed=2**32)
+    with pytest.raises(UserError, match=r"54 feature rows are too few for HDBSCAN .* \(it needs 2 x 30 = 60\)"):
+        umap_hdbscan(x, min_cluster_size=30)
+    with pytest.raises(UserError, match="too few for UMAP's --umap_neighbors 60: lower it below 54"):
+        umap_hdbscan(x, n_neighbors=60, min_cluster_size=8)
+    with pytest.raises(UserError, match="fewer than HDBSCAN's --min_samples 55: lower it to at most 54"):
+        umap_hdbscan(x, min_samples=55, min_cluster_size=8)
+    with pytest.raises(ValueError, match="NaN"):
+        umap_hdbscan(np.full((54, 3), np.nan), min_cluster_size=8)
+
+
+@slow_umap
+def test_patches_clustered_on_image_features_with_noise_written_and_read_back(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import meddiff.visualize
+
+    x, truth = _blobs()
+    items, reader = _patches(tmp_path / "MoNuSegTrainingData", x)
+    grids = []
+    save_grid = meddiff.visualize.save_grid
+    monkeypatch.setattr(
+        meddiff.visualize, "save_grid", lambda rows, *a, **k: (grids.append(rows), save_grid(rows, *a, **k))
+    )
+    fake, out = RowFeatures(), tmp_path / "clusters"
+    options = {"img_size": SIZE, "item_reader": reader, "features": fake, "features_of": "image", **UMAP_OPTIONS}
+    clustered = cluster_pairs(items, None, seed=42, method="umap_hdbscan", output_dir=out, **options)
+    labels = [c["cluster"] for c in clustered]
+    assert labels == truth.tolist() and "cluster" not in items[0]
+    assert all("box" in call and "label" not in call for call in reader.calls)  # the reader got whole items
+    # image features only: the network saw the patches (54 in 7 batches of 8), never a grey mask
+    assert len(fake.calls) == 7 and torch.cat(fake.calls).shape == (54, 3, SIZE, SIZE)
+    assert torch.equal(torch.cat(fake.calls)[:, 1], torch.full((54, SIZE, SIZE), -0.5))
+
+    record = json.loads((out / CLUSTERS_FILE).read_text())
+    assert record["method"] == "umap_hdbscan" and record["num_clusters"] == 2 and record["seed"] == 42
+    assert record["features"] == "RowFeatures of image" and record["features_of"] == "image"
+    assert record["img_size"] == SIZE and "n_init" not in record
+    umap_record = {"n_components": 3, "n_neighbors": 10, "min_dist": UMAP_MIN_DIST, "metric": "euclidean"}
+    assert record["umap"] == {**umap_record, "random_state": 42}
+    assert record["hdbscan"] == {"min_samples": 4, "min_cluster_size": 8}
+    assert record["sizes"] == {"0": 24, "1": 24} and record["num_noise"] == 6
+    assert 0.5 < record["silhouette"] <= 1  # two well separated blobs
+    assert record["assignments"] == {c["name"]: c["cluster"] for c in clustered}
+    assert sorted(p.name for p in out.iterdir()) == [CLUSTERS_FILE, CLUSTERS_GRID]
+
+    # the grid: a row per cluster, then the noise row; tiles show every nucleus' boundary in green
+    (rows,) = grids
+    assert [len(row) for row in rows] == [7, 7, 7]  # caption + 6 members; the noise row holds its 6 patches
+    inst = _instances()
+    padded = np.pad(inst, 1, mode="edge")
+    boundary = (inst > 0) & (
+        (inst != padded[:-2, 1:-1])
+        | (inst != padded[2:, 1:-1])
+        | (inst != padded[1:-1, :-2])
+        | (inst != padded[1:-1, 2:])
+    )
+    assert boundary[4:8, 5].all() and boundary[4:8, 6].all() and not boundary[5:7, 3:5].any()  # the shared edge
+    for tile in (rows[0][1], rows[2][6]):
+        np.testing.assert_array_equal((tile == (0, 255, 0)).all(-1), boundary)
+    assert np.asarray(Image.open(out / CLUSTERS_GRID)).ndim == 3
+
+    # read back: noise is -1 in the assignments, in no cluster's members; the nuclei items match on "name"
+    clusters = read_clusters(out / CLUSTERS_FILE)
+    assert clusters["method"] == "umap_hdbscan" and clusters["num_noise"] == 6
+    assert clusters["sizes"] == {0: 24, 1: 24} and clusters["assignments"][items[-1]["name"]] == NOISE
+    members = cluster_members(items, clusters, 1)
+    assert [m["name"] for m in members] == [i["name"] for i, g in zip(items, truth) if g == 1]
+    assert all(m["cluster"] == 1 and "box" in m for m in members)
+    with pytest.raises(OptionError, match="--cluster_index 2 is out of range: .* has 2 clusters"):
+        cluster_members(items, clusters, 2)
+
+    # the same seed repeats the clusters; no output_dir writes nothing
+    again = cluster_pairs(items, seed=42, method="umap_hdbscan", **{**options, "features": RowFeatures()})
+    assert [c["cluster"] for c in again] == labels
+
+
+@slow_umap
+def test_umap_hdbscan_refuses_all_noise_and_shows_unlabelled_patches(tmp_path, monkeypatch):
+    import meddiff.visualize
+
+    uniform = np.random.default_rng(0).uniform(size=(40, SIZE))
+    items, reader = _patches(tmp_path / "tiles", uniform)
+    options = {"img_size": SIZE, "item_reader": reader, "features": RowFeatures(), "features_of": "image"}
+    no_cluster = (
+        r"HDBSCAN found no cluster among the 40 patch\(es\) in .*tiles.* \(all noise\): lower --min_cluster_size "
+        r"\(20\) or --min_samples \(10\), or give more patches\.$"
+    )
+    with pytest.raises(UserError, match=no_cluster):
+        cluster_pairs(items, method="umap_hdbscan", umap_neighbors=10, min_samples=10, min_cluster_size=20, **options)
+
+    # patches without labels: clustered on image features, shown as images only
+    x, truth = _blobs()
+    items, reader = _patches(tmp_path / "tiles", x, labelled=False)
+    grids = []
+    monkeypatch.setattr(meddiff.visualize, "save_grid", lambda rows, *a, **k: grids.append(rows))
+    options = {**options, "item_reader": reader, **UMAP_OPTIONS}
+    clustered = cluster_pairs(items, seed=42, method="umap_hdbscan", output_dir=tmp_path / "out", **options)
+    assert [c["cluster"] for c in clustered] == truth.tolist()
+    (rows,) = grids
+    assert len(rows) == 3 and not any((tile == (0, 255, 0)).all(-1).any() for row in rows for tile in row[1:])
+    with pytest.raises(UserError, match="--features_of image\\+mask needs a mask, but the reader returned no label"):
+        cluster_pairs(items, 2, img_size=SIZE, item_reader=reader, features=RowFeatures())
+
+
+def test_item_reader_with_image_and_mask_features_and_kmeans(tmp_path):
+    x = np.repeat(np.eye(2, SIZE) * 20, 3, axis=0)  # two groups of 3 identical patches
+    items, reader = _patches(tmp_path, x)
+    fake = RowFeatures()
+    clustered = cluster_pairs(items, 2, img_size=SIZE, item_reader=reader, features=fake, output_dir=tmp_path / "out")
+    assert [c["cluster"] for c in clustered] == [0, 0, 0, 1, 1, 1]
+    # the mask is the instance map's foreground, as a grey image: -1 background, +1 nuclei
+    grey = fake.calls[1]
+    assert torch.equal(grey[0, 0], torch.as_tensor(np.where(_instances() > 0, 1.0, -1.0), dtype=torch.float32))
+    record = read_clusters(tmp_path / "out" / CLUSTERS_FILE)
+    assert record["method"] == "kmeans" and record["features_of"] == "image+mask" and record["num_noise"] == 0
+    assert record["features"] == "RowFeatures of image + mask" and record["n_init"] == KMEANS_N_INIT
+
+
+def test_kmeans_on_image_features_only(tmp_path):
+    items, reader, truth = _dataset(tmp_path, per_group=3)
+    fake = QuadrantMeans()
+    clustered = cluster_pairs(
+        items, 3, img_size=SIZE, reader=reader, features=fake, features_of="image", output_dir=tmp_path / "out"
+    )
+    assert [c["cluster"] for c in clustered] == truth
+    assert len(fake.calls) == 3 and all(call.unique().numel() > 2 for call in fake.calls)  # images only, no masks
+    record = json.loads((tmp_path / "out" / CLUSTERS_FILE).read_text())
+    assert record["features"] == "QuadrantMeans of image" and record["features_of"] == "image"
+
+
+def test_cluster_options_and_item_readers_refused_before_reading(tmp_path):
+    x, _ = _blobs()
+    items, reader = _patches(tmp_path / "tiles", x)
+    fake = RowFeatures()
+    options = {"img_size": SIZE, "item_reader": reader, "features": fake}
+    with pytest.raises(OptionError, match="--method must be one of kmeans, umap_hdbscan, got 'dbscan'"):
+        cluster_pairs(items, 2, method="dbscan", **options)
+    with pytest.raises(OptionError, match="--features_of must be one of image\\+mask, image, got 'mask'"):
+        cluster_pairs(items, 2, features_of="mask", **options)
+    with pytest.raises(OptionError, match="give a reader or an item_reader, not both"):
+        cluster_pairs(items, 2, reader=FakeReader({}), **options)
+    with pytest.raises(OptionError, match="--num_clusters must be set"):
+        cluster_pairs(items, **options)
+    with pytest.raises(OptionError, match="--num_clusters 3 does not apply to --method umap_hdbscan.*leave"):
+        cluster_pairs(items, 3, method="umap_hdbscan", **options)
+    with pytest.raises(OptionError, match="--min_samples must be >= 1"):
+        cluster_pairs(items, method="umap_hdbscan", min_samples=0, **options)
+    with pytest.raises(
+        UserError,
+        match=r"54 patch\(es\) in .*tiles.* are too few for HDBSCAN .*--min_cluster_size 50.*or give more patches\.",
+    ):
+        cluster_pairs(items, method="umap_hdbscan", **options)
+    with pytest.raises(UserError, match="item 0 of the datalist has no 'image': every item needs a name and an image"):
+        cluster_pairs([{"name": "a", "box": [0, 0, SIZE]}], 1, **options)
+    with pytest.raises(UserError, match="two items of the datalist are named"):
+        cluster_pairs([items[0], items[0]], 1, **options)
+    assert reader.calls == [] and fake.calls == []
+    with pytest.raises(ValueError, match=r"image \(3, 16, 16\) .* expected \(3, 32, 32\).*pass --img_size 16"):
+        cluster_pairs(items, 2, **{**options, "img_size": 32})
+
+
+def test_read_clusters_with_noise_and_its_errors(tmp_path):
+    good = {
+        "method": "umap_hdbscan",
+        "num_clusters": 2,
+        "seed": 42,
+        "img_size": 128,
+        "features": "x",
+        "features_of": "image",
+        "sizes": {"0": 1, "1": 2},
+        "num_noise": 1,
+        "assignments": {"a": 0, "b": -1, "c": 1, "d": 1},
+    }
+    clusters = read_clusters(_write(tmp_path / "clusters.json", good))
+    assert clusters["num_noise"] == 1 and clusters["sizes"] == {0: 1, 1: 2}
+    items = [{"name": n, "image": "tile.tif", "annotation": "tile.xml", "box": [0, 0, 128]} for n in "abcd"]
+    assert [m["name"] for m in cluster_members(items, clusters, 1)] == ["c", "d"]
+    # a k-means file (no "method") knows no noise
+    kmeans_file = {k: v for k, v in good.items() if k not in ("method", "num_noise")}
+    with pytest.raises(UserError, match="bad.json: 'b' is assigned -1, not a cluster 0 to 1: re-run"):
+        read_clusters(_write(tmp_path / "bad.json", kmeans_file))
+    with pytest.raises(UserError, match="bad.json: 'b' is assigned -2, not a cluster 0 to 1 or -1 \\(noise\\)"):
+        read_clusters(_write(tmp_path / "bad.json", {**good, "assignments": {**good["assignments"], "b": -2}}))
+    with pytest.raises(UserError, match="bad.json: num_noise does not match the assignments"):
+        read_clusters(_write(tmp_path / "bad.json", {**good, "num_noise": 0}))
+    with pytest.raises(UserError, match="bad.json lacks num_noise"):
+        read_clusters(_write(tmp_path / "bad.json", {k: v for k, v in good.items() if k != "num_noise"}))
+    with pytest.raises(UserError, match="bad.json: method must be one of kmeans, umap_hdbscan, got 'dbscan'"):
+        read_clusters(_write(tmp_path / "bad.json", {**good, "method": "dbscan"}))
+    with pytest.raises(UserError, match="bad.json: sizes do not match"):
+        read_clusters(_write(tmp_path / "bad.json", {**good, "sizes": {"0": 1, "1": 2, "-1": 1}}))

@@ -156,6 +156,9 @@ def test_classifier_free_guidance_reaches_spade_maps() -> None:
         net2.parameters = net.parameters  # type: ignore[attr-defined]
         out = classifier_free(net2, spade, seg, 3.0, eps_channels=1)(x, t)
         assert torch.equal(out[:, 1:], two[:, 1:])
+        per_sample = classifier_free(net, spade, seg, torch.tensor([0.0, 2.0]))(x, t)  # a sweep over s in one batch
+        assert torch.allclose(per_sample[0], uncond[0], atol=1e-5)
+        assert torch.allclose(per_sample[1], 2 * cond[1] - uncond[1], atol=1e-4)
 
 
 def test_classifier_gradient_guidance_samples_the_posterior() -> None:

@@ -29,7 +29,12 @@ __all__ = [
     "run_demo",
 ]
 
-DEMO_BUNDLES = ("breast_mri_seg_guided_generation", "lidc_ambiguous_segmentation", "polyp_cluster_generation")
+DEMO_BUNDLES = (
+    "breast_mri_seg_guided_generation",
+    "lidc_ambiguous_segmentation",
+    "monuseg_nuclei_generation",
+    "polyp_cluster_generation",
+)
 
 
 def bundles_dir() -> Path:

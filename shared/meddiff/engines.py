@@ -134,10 +134,12 @@ class SeededPrepareBatch(PrepareBatch):
     Args:
         image_name: batch key of the inferer's input.
         seed_name: batch key of the per-item seeds (absent: the inferer's own seed).
+        item_keys: further batch keys handed to the inferer per item, as (B,) tensors under the same name (e.g.
+            ``guidance_scale``: one scale per item); a key absent from the batch is not passed.
     """
 
-    def __init__(self, image_name: str = "image", seed_name: str = "seed") -> None:
-        self.image_name, self.seed_name = image_name, seed_name
+    def __init__(self, image_name: str = "image", seed_name: str = "seed", item_keys: Sequence[str] = ()) -> None:
+        self.image_name, self.seed_name, self.item_keys = image_name, seed_name, list(item_keys)
 
     def __call__(
         self,
@@ -148,4 +150,6 @@ class SeededPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, None, tuple, dict]:
         inputs = batchdata[self.image_name].to(device=device, non_blocking=non_blocking, **kwargs)
         seeds = batchdata.get(self.seed_name)
-        return inputs, None, (), {} if seeds is None else {"seed": int(torch.as_tensor(seeds).reshape(-1)[0])}
+        extra = {} if seeds is None else {"seed": int(torch.as_tensor(seeds).reshape(-1)[0])}
+        extra.update({key: torch.as_tensor(batchdata[key]).reshape(-1) for key in self.item_keys if key in batchdata})
+        return inputs, None, (), extra

@@ -197,7 +197,8 @@ class ConditionedSamplingInferer(SamplingInferer):
         out_channels: channels of the generated image.
         conditioning: "concat" (the condition is stacked with x_t), "seg" (SPADE), "context" or "class".
         guidance_scale: classifier-free guidance scale s (1: plain conditional sampling; see
-            `meddiff.sampling.guidance`).
+            `meddiff.sampling.guidance`); a call's ``guidance_scale=`` (one per sample, from
+            `meddiff.engines.SeededPrepareBatch`'s ``item_keys``) replaces it.
         eps_channels: with learned sigma, the first `eps_channels` output channels are the noise prediction.
         slice_batch_size: slices of a volume sampled at once.
         kwargs: the `SamplingInferer` settings.
@@ -231,9 +232,10 @@ class ConditionedSamplingInferer(SamplingInferer):
             volumes.append(torch.cat(parts).permute(1, 0, 2, 3))
         return torch.stack(volumes)
 
-    def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
+    def run(self, inputs, network, scheduler, generator, guidance_scale=None, **kwargs):  # noqa: D102
         condition = inputs.to(next(network.parameters()).dtype) if inputs.is_floating_point() else inputs
-        denoiser = classifier_free(network, self.conditioning, condition, self.guidance_scale, self.eps_channels)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        denoiser = classifier_free(network, self.conditioning, condition, scale, self.eps_channels)
         shape = (inputs.shape[0], self.out_channels, *inputs.shape[2:])
         images = sample(denoiser, scheduler, shape, generator=generator, device=inputs.device, progress=self.progress)
         return images.clamp(-1.0, 1.0)

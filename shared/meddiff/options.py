@@ -72,7 +72,8 @@ class Rule:
     """How one option is parsed.
 
     Args:
-        kind: "bool", "int", "float", "choice", "floats" (a list of numbers) or "ints" (a list of whole numbers).
+        kind: "bool", "int", "float", "choice", "floats" (a list of numbers), "ints" (a list of whole numbers) or
+            "bools" (a list of true/false: ``--attention_levels "[false,true]"`` reaches a config as strings).
         low: smallest accepted number (each element for lists); None for no bound.
         high: largest accepted number; None for no bound.
         low_open: True when `low` itself is refused (strictly greater than).
@@ -126,6 +127,8 @@ class Rule:
         items = _sequence(name, value)
         if self.length is not None and len(items) != self.length:
             raise OptionError(f"--{name} must list {self.length} numbers, got {value!r}.")
+        if self.kind == "bools":
+            return [_bool(name, v) for v in items]
         element = _int if self.kind == "ints" else _float
         numbers = [element(name, v) for v in items]
         for number in numbers:
@@ -161,6 +164,8 @@ RULES: dict[str, Rule] = {
     "diversity_masks": Rule("int", low=0, hint="masks sampled several times for per-mask diversity; 0 for none"),
     "samples_per_mask": Rule("int", low=2, hint="samples per diversity mask; a pair is the least"),
     # training
+    "attention_levels": Rule("bools", hint="one true/false per level of network_channels"),
+    "resblock_updown": _BOOL,
     "batch_size": _POSITIVE_INT,
     "num_epochs": _POSITIVE_INT,
     "segmenter_epochs": _POSITIVE_INT,
@@ -188,6 +193,9 @@ RULES: dict[str, Rule] = {
     "num_inference_steps": _POSITIVE_INT,
     "sampler": Rule("choice", choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")),
     "guidance_scale": Rule("float", low=0.0, high=100.0, hint="1 is plain conditional sampling, 0 unconditional"),
+    "guidance_scales": Rule(
+        "floats", low=0.0, high=100.0, optional=True, hint="a sweep, e.g. [1.3, 1.4, 1.5, 1.6]; leave it out for one"
+    ),
     "skip_steps": Rule("int", low=0, hint="sampling steps skipped by starting from the noised image"),
     "num_samples": Rule("int", low=2, hint="an ensemble needs at least 2 members"),
     "d_a_distance": Rule("choice", choices=("dice", "variance")),

@@ -3,6 +3,7 @@
 - `meddiff.evaluation.generation`: mask-conditioned generation scored directly: realism (FID), diversity (MS-SSIM)
   and mask faithfulness (Dice of a segmenter trained on real images);
 - `meddiff.evaluation.pairs`: generated image + mask pairs (the polyp bundle): FID, MS-SSIM and the downstream test;
+- `meddiff.evaluation.nuclei`: the nuclei instance segmentation test (HoVerNet on real vs real + k x synthetic);
 - `meddiff.evaluation.downstream`: task networks trained on real, synthetic and real+synthetic data over several
   seeds, scored on a held-out real test split, with Student-t intervals and paired-by-seed differences.
 
@@ -24,21 +25,37 @@ from meddiff.evaluation.downstream import (
     train_and_score,
 )
 from meddiff.evaluation.generation import evaluate_mask_conditioned_generation, load_generated, segment
+from meddiff.evaluation.nuclei import (
+    NUCLEI_METRICS,
+    PaddedHoVerNet,
+    hovernet_targets,
+    nuclei_scores,
+    nuclei_segmentation_comparison,
+    predict_instances,
+    train_hovernet,
+)
 from meddiff.evaluation.pairs import evaluate_pair_generation, read_generated_pairs
 
 __all__ = [
     "DEFAULT_FEATURES",
+    "NUCLEI_METRICS",
+    "PaddedHoVerNet",
     "SEGMENTATION_LOSSES",
     "accuracy",
     "arm_datasets",
     "compare_arms",
     "evaluate_mask_conditioned_generation",
     "evaluate_pair_generation",
+    "hovernet_targets",
     "load_generated",
     "mean_ci",
+    "nuclei_scores",
+    "nuclei_segmentation_comparison",
+    "predict_instances",
     "random_flips",
     "read_generated_pairs",
     "segment",
     "segmentation_comparison",
     "train_and_score",
+    "train_hovernet",
 ]

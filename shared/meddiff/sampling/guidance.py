@@ -7,7 +7,9 @@ Both return a `meddiff.sampling.loop.Denoiser`, so any scheduler and start can b
   condition and its null run as one batch of 2B through `meddiff.conditioning.Conditioning`, so it works for every
   mode, SPADE's ``seg`` included (MONAI 1.6's `DiffusionInferer.sample` fills only ``conditioning`` and passes the
   SPADE map unguided). With `eps_channels` set (learned-sigma models output 2C channels), only the first
-  `eps_channels` are guided; the variance channels are the conditional model's, as in SDM's sampler.
+  `eps_channels` are guided; the variance channels are the conditional model's, as in SDM's sampler. `scale` may
+  be one number or one per sample (a (B,) sequence or tensor: a sweep over s in one batch, as the nuclei seed's
+  synthetic sets mix s = 1.3 ... 1.6).
 - `classifier_gradient`: eps_hat = eps - s * sqrt(1 - alpha_bar_t) * grad_x log p(y | x_t, t) (Dhariwal & Nichol
   2021, Algorithm 2; for an exact score it shifts the ancestral step's mean by s * Sigma * grad as in their
   Algorithm 1). Gradients are enabled inside the wrapper only; the denoiser stays under ``no_grad``.
@@ -15,7 +17,7 @@ Both return a `meddiff.sampling.loop.Denoiser`, so any scheduler and start can b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,15 +45,17 @@ def classifier_free(
     network: torch.nn.Module,
     conditioning: Conditioning,
     condition: Any,
-    scale: float,
+    scale: float | Sequence[float] | torch.Tensor,
     eps_channels: int | None = None,
 ) -> Denoiser:
     """Classifier-free guidance with scale `scale` (see the module docstring); s = 1 costs one plain call."""
-    scale = float(scale)
-    if scale == 1.0:
+    scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if scales.numel() > 1 and (scales == scales[0]).all():
+        scales = scales[:1]
+    if scales.numel() == 1 and float(scales) == 1.0:
         return conditioned(network, conditioning, condition)
     null = conditioning.null(condition)
-    if scale == 0.0:
+    if scales.numel() == 1 and float(scales) == 0.0:
         return conditioned(network, conditioning, null)
     both = Conditioning.batched(condition, null)
     dtype = next(network.parameters()).dtype
@@ -60,7 +64,8 @@ def classifier_free(
         out = conditioning(network, torch.cat([x, x]).to(dtype), torch.cat([t, t]), both).float()
         cond, uncond = out.chunk(2)
         k = cond.shape[1] if eps_channels is None else eps_channels
-        guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        s = scales.to(out.device).view(-1, *([1] * (out.ndim - 1)))
+        guided = uncond[:, :k] + s * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided
 
     return denoise
