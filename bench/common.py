@@ -51,7 +51,7 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
 
 
 def machine_info(*modules: str) -> dict:
-    """CPU model and bf16 features, memory, Python/torch/monai (and `modules`) versions, date, load."""
+    """CPU model, its vector and bf16 flags, memory, Python/torch/monai (and `modules`) versions, date, load."""
     import torch
 
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -62,6 +62,7 @@ def machine_info(*modules: str) -> dict:
         "cpu_model": cpu_model,
         "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
+        "cpu_flags": sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in flags),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

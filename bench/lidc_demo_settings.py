@@ -271,11 +271,6 @@ def machine_facts() -> dict:
     from meddiff.precision import resolve_precision
 
     info = machine_info()
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split())
-    info["cpu_flags"] = sorted(
-        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in flags
-    )
     info["host"] = socket.gethostname()
     info["cuda"] = torch.cuda.is_available()
     if info["cuda"]:

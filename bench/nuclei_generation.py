@@ -248,21 +248,9 @@ def ood_timing(real_train, scored, features) -> dict:
             "score_median": round(float(statistics.median(scores.tolist())), 4)}  # fmt: skip
 
 
-def machine_facts() -> dict:
-    from common import machine_info
-
-    info = machine_info()
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split())
-    info["cpu_flags"] = sorted(
-        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in flags
-    )
-    return info
-
-
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from common import machine_busy_s
+    from common import machine_busy_s, machine_info
 
     from meddiff.features import ImageFeatures
     from meddiff.nuclei import match_structures
@@ -272,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     steps = QUICK_STEPS if args.quick else {k: s["steps"] for k, s in SETTINGS.items()}
     arch = TINY_NET if args.quick else SMALL_NET
-    report = {"benchmark": "nuclei_generation", "args": vars(args), "machine": machine_facts(), "settings": SETTINGS,
+    report = {"benchmark": "nuclei_generation", "args": vars(args), "machine": machine_info(), "settings": SETTINGS,
               "steps": steps, "guidance_scale": GUIDANCE, "precision": "fp32",
               "network": {"used": {**NET, **arch}, "seed": {**NET, **SEED_NET}}}  # fmt: skip
     items, images, insts, real = load_patches(args.fid_size, args.quick)

@@ -233,21 +233,9 @@ def quality(features, real, outs: dict, targets, draws: int = 20) -> dict:
     return res
 
 
-def machine_facts() -> dict:
-    from common import machine_info
-
-    info = machine_info()
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split())
-    info["cpu_flags"] = sorted(
-        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in flags
-    )
-    return info
-
-
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from common import machine_busy_s
+    from common import machine_busy_s, machine_info
 
     from meddiff.features import ImageFeatures
 
@@ -255,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     t0, busy0 = time.perf_counter(), machine_busy_s()
     cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     settings = QUICK_SETTINGS if args.quick else SETTINGS
-    report = {"benchmark": "polyp_generation", "args": vars(args), "machine": machine_facts(), "settings": settings,
+    report = {"benchmark": "polyp_generation", "args": vars(args), "machine": machine_info(), "settings": settings,
               "network": {"used": {**NET, **SMALL_NET}, "seed": {**NET, **SEED_NET}}, "precision": "fp32",
               "calls_per_pair": {k: calls_per_pair(s) for k, s in settings.items()}}  # fmt: skip
     net = make_net(SMALL_NET)

@@ -264,3 +264,20 @@ def test_multi_gpu_overlay_fine_tunes_one_cluster_under_torchrun_cpu(trained, tm
     assert (result.stdout + result.stderr).count("Metrics -- val_loss") == 1  # only rank 0 logs
     settings = json.loads((other / "models" / "cluster_1" / "model.json").read_text())["settings"]
     assert settings["cluster_index"] == 1
+
+
+def test_demo_plan_runs_every_stage_and_ends_with_the_summary(tmp_path, capsys) -> None:
+    from meddiff.demo import run_demo
+
+    data = make_synthetic_nuclei(tmp_path / "data", num_train=2, num_test=1, size=64, seed=4)
+    settings = {k: v for k, v in TINY.items() if k not in ("downstream_seeds", "downstream_ratios")}
+    metrics = run_demo("monuseg_nuclei_generation", tmp_path / "out", dataset_dir=str(data), **settings)
+    out = tmp_path / "out" / "monuseg_nuclei_generation"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "models" / "cluster_0" / "model.pt").is_file() and (
+        out / "models" / "pretrained" / "model.pt"
+    ).is_file()
+    assert (out / "eval" / "generated" / "cluster_0" / "ood_scores.json").is_file()
+    assert "downstream" not in metrics and metrics["verdict"]  # the demo skips HoVerNet (minutes per epoch on CPU)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == metrics["verdict"]

@@ -127,7 +127,8 @@ def demo_plan(bundle_dir: str | Path) -> list[dict]:
 
     A step is ``{"run_id": ..., "configs": [...], "each_cluster": false, "settings": {...}}``; ``demo.json`` is merged
     last into every step, a step's ``settings`` are given to its runs only (e.g. the one cluster a fine-tuning
-    trains), and an ``each_cluster`` step runs once per cluster (`meddiff.workflows.run_each_cluster`).
+    trains; a setting the user passes to the demo replaces them), and an ``each_cluster`` step runs once per cluster
+    (`meddiff.workflows.run_each_cluster`).
     """
     bundle_dir = Path(bundle_dir)
     plan = json.loads((bundle_dir / "configs" / "demo.json").read_text()).get("demo_plan")
@@ -193,7 +194,7 @@ def run_demo(
         }
         for step in demo_plan(bundle_dir):
             configs = [*step["configs"], "demo.json"]
-            step_settings = {**settings, **step.get("settings", {})}
+            step_settings = {**step.get("settings", {}), **settings}  # the user's settings win
             if step.get("each_cluster"):
                 from meddiff.workflows import run_each_cluster
 

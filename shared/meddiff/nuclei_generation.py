@@ -42,7 +42,7 @@ from meddiff.data.inference import as_numpy
 from meddiff.io import atomic_write, save_json, save_png, to_uint8
 from meddiff.options import parse
 from meddiff.visualize import save_grid, to_rgb_tile
-from meddiff.writers import StagedWriter
+from meddiff.writers import ItemWriter
 
 __all__ = [
     "GRID_COLUMNS",
@@ -193,7 +193,7 @@ def _write_tif(array: np.ndarray, path: os.PathLike) -> None:
     atomic_write(path, write)
 
 
-class NucleiWriter(StagedWriter):
+class NucleiWriter(ItemWriter):
     """Write the generated images and their instance maps as the evaluator produces them (module docstring).
 
     Args:
@@ -205,26 +205,6 @@ class NucleiWriter(StagedWriter):
         provenance: the record (`meddiff.provenance.make_provenance`) every image carries, with the sample's seed
             (None: no record).
     """
-
-    def __init__(
-        self,
-        datalist: Sequence[dict],
-        output_dir: str | os.PathLike,
-        settings: dict | None = None,
-        overwrite: bool = False,
-        grid_size: int = 8,
-        provenance: dict | None = None,
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        super().__init__(self.output_dir, parse("overwrite", overwrite), self.output_dir / "generation.json")
-        self.items = {item["name"]: item for item in datalist}
-        self.settings, self.grid_size, self.provenance = dict(settings or {}), int(grid_size), provenance
-        self.rows: list[list[np.ndarray]] = []
-        self.written: list[str] = []
-
-    def reset(self) -> None:  # noqa: D102
-        super().reset()
-        self.rows, self.written = [], []
 
     def _files(self, name: str) -> dict[str, Path]:
         out = self.output_dir

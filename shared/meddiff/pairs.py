@@ -15,7 +15,6 @@ Conventions:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from meddiff.data.inference import as_numpy
 from meddiff.io import save_json, save_png, to_uint8
 from meddiff.options import parse
 from meddiff.visualize import save_grid, to_rgb_tile
-from meddiff.writers import StagedWriter
+from meddiff.writers import ItemWriter
 
 __all__ = ["GRID_COLUMNS", "PairWriter", "pair_targets"]
 
@@ -82,7 +81,7 @@ def pair_targets(
     return out
 
 
-class PairWriter(StagedWriter):
+class PairWriter(ItemWriter):
     """Write the generated pairs as the evaluator produces them (an evaluator handler; module docstring).
 
     Args:
@@ -94,26 +93,6 @@ class PairWriter(StagedWriter):
         provenance: the record (`meddiff.provenance.make_provenance`) every image carries, with the pair's seed
             (None: no record).
     """
-
-    def __init__(
-        self,
-        datalist: Sequence[dict],
-        output_dir: str | os.PathLike,
-        settings: dict | None = None,
-        overwrite: bool = False,
-        grid_size: int = 8,
-        provenance: dict | None = None,
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        super().__init__(self.output_dir, parse("overwrite", overwrite), self.output_dir / "generation.json")
-        self.items = {item["name"]: item for item in datalist}
-        self.settings, self.grid_size, self.provenance = dict(settings or {}), int(grid_size), provenance
-        self.rows: list[list[np.ndarray]] = []
-        self.written: list[str] = []
-
-    def reset(self) -> None:  # noqa: D102
-        super().reset()
-        self.rows, self.written = [], []
 
     def _files(self, name: str) -> tuple[Path, Path, Path]:
         out = self.output_dir

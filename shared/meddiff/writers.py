@@ -15,13 +15,16 @@ its iteration completes, into a `meddiff.io.StagedOutput`:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
 
 from meddiff.io import StagedOutput
+from meddiff.options import parse
 
-__all__ = ["StagedWriter"]
+__all__ = ["ItemWriter", "StagedWriter"]
 
 
 class StagedWriter:
@@ -88,3 +91,40 @@ class StagedWriter:
     def finish(self, engine: Engine) -> Any:
         """Write what needs every item (grids, records, the manifest); the return value becomes `result`."""
         raise NotImplementedError
+
+
+class ItemWriter(StagedWriter):
+    """A `StagedWriter` for generation datalists: one entry per generated item, a preview grid, ``generation.json``.
+
+    Keeps the datalist by ``name`` (`items`), the settings and provenance recorded with every item, the preview rows
+    (`rows`, at most `grid_size`) and the names written so far (`written`); subclasses implement `targets`, `write`
+    and `finish`.
+
+    Args:
+        datalist: the evaluator's items, each with a unique "name".
+        output_dir: where the outputs go; the manifest is ``<output_dir>/generation.json``.
+        settings: the generation settings recorded with each item.
+        overwrite: replace existing outputs.
+        grid_size: rows of the preview grid.
+        provenance: the record (`meddiff.provenance.make_provenance`) every image carries (None: no record).
+    """
+
+    def __init__(
+        self,
+        datalist: Sequence[dict],
+        output_dir: str | os.PathLike,
+        settings: dict | None = None,
+        overwrite: bool = False,
+        grid_size: int = 8,
+        provenance: dict | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        super().__init__(self.output_dir, parse("overwrite", overwrite), self.output_dir / "generation.json")
+        self.items = {item["name"]: item for item in datalist}
+        self.settings, self.grid_size, self.provenance = dict(settings or {}), int(grid_size), provenance
+        self.rows: list[list[Any]] = []
+        self.written: list[str] = []
+
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self.rows, self.written = [], []

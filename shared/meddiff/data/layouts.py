@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.readers import folder_entries, read_image, read_mask_channel
+from meddiff.data.readers import folder_entries, listing, read_image, read_mask_channel
 from meddiff.data.slices import resize_image, resize_label, volume_to_slices
 
 __all__ = [
@@ -100,11 +100,6 @@ def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     A broken symlink with such a name is refused rather than skipped.
     """
     return [p for p in folder_entries(folder, suffixes) if p.is_file() and p.name.lower().endswith(suffixes)]
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
 
 
 def _held(present: list[tuple[str, str]], none: str) -> str:
@@ -171,11 +166,13 @@ def _check_pairing(
     problems = []
     if no_mask:
         problems.append(
-            f"{len(no_mask)} {words[0]}(s) in {images_dir} have no {words[1]} in {masks_dir} ({_listing(no_mask)})"
+            f"{len(no_mask)} {words[0]}(s) in {images_dir} have no {words[1]} in {masks_dir} "
+            f"({listing(no_mask, _SHOWN)})"
         )
     if no_image:
         problems.append(
-            f"{len(no_image)} {words[1]}(s) in {masks_dir} have no {words[0]} in {images_dir} ({_listing(no_image)})"
+            f"{len(no_image)} {words[1]}(s) in {masks_dir} have no {words[0]} in {images_dir} "
+            f"({listing(no_image, _SHOWN)})"
         )
     if problems:
         raise DataError(
@@ -252,10 +249,12 @@ def dicom_pairs(root: Path, split: str) -> list[dict]:
     problems = []
     if no_label:
         problems.append(
-            f"{len(no_label)} case(s) have image/ but no label.nii.gz (or label.nrrd) ({_listing(no_label)})"
+            f"{len(no_label)} case(s) have image/ but no label.nii.gz (or label.nrrd) ({listing(no_label, _SHOWN)})"
         )
     if no_image:
-        problems.append(f"{len(no_image)} case(s) have a label but no image/ series folder ({_listing(no_image)})")
+        problems.append(
+            f"{len(no_image)} case(s) have a label but no image/ series folder ({listing(no_image, _SHOWN)})"
+        )
     if problems:
         raise DataError(
             f"{root}: {'; '.join(problems)}: every <case>/ needs image/ (one DICOM series) and label.nii.gz (or "
@@ -299,8 +298,8 @@ def _datalist_pairs(root: Path, datalist: Path, split: str, key: str) -> list[di
         pairs.append(pair)
     if missing:
         raise DataError(
-            f"{datalist} lists {len(missing)} missing file(s) or folder(s): {_listing(missing)}: add them, or fix "
-            "the datalist."
+            f"{datalist} lists {len(missing)} missing file(s) or folder(s): {listing(missing, _SHOWN)}: add them, or "
+            "fix the datalist."
         )
     return pairs
 

@@ -64,7 +64,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.readers import check_file, folder_entries, read_image, unreadable
+from meddiff.data.readers import check_file, files_by_stem, folder_entries, listing, read_image, unreadable
+from meddiff.data.readers import stem as file_stem
 from meddiff.errors import OptionError
 from meddiff.io import OutputExistsError, StagedOutput, atomic_write, save_json, save_png
 from meddiff.options import Rule, parse
@@ -101,7 +102,6 @@ MAX_REGIONS = 65535
 _TILE_FOLDERS = ("tissueimages", "images")
 _ANNOTATION_FOLDER = "annotations"
 _PATCH_IMAGES, _PATCH_LABELS = "images", "instmasks"
-_SHOWN = 3
 _DECODE_ERRORS = (OSError, EOFError, ValueError, SyntaxError, struct.error, zlib.error)
 _EXPECTED = (
     "expected a MoNuSeg training folder (Tissue_Images/*.tif beside Annotations/*.xml), a test folder (<id>.tif beside "
@@ -218,29 +218,10 @@ def _find_sets(dataset_dir: str | Path | None) -> list[_Set]:
     raise DataError(f"{root} holds no MoNuSeg data: {_EXPECTED}; pass that folder as dataset_dir.")
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(path.suffix)] if path.suffix else path.name
-
-
-def _by_stem(paths: list[Path]) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for path in paths:
-        stem = _stem(path)
-        if stem in files:
-            raise DataError(f"{files[stem]} and {path} have the same name: keep one file per tile (remove one).")
-        files[stem] = path
-    return files
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
-
-
 def _pairs(found: _Set) -> list[dict]:
     """The set's {"image", "annotation"|"label"} pairs sorted by stem; unpaired files are refused."""
-    images = _by_stem(_files(found.images, found.image_suffixes))
-    sources = _by_stem(_files(found.sources, found.source_suffixes))
+    images = files_by_stem(_files(found.images, found.image_suffixes), "tile")
+    sources = files_by_stem(_files(found.sources, found.source_suffixes), "tile")
     key, what, suffix = (
         ("annotation", "Aperio XML", ".xml") if found.kind == "release" else ("label", "instance map", ".tif")
     )
@@ -249,11 +230,11 @@ def _pairs(found: _Set) -> list[dict]:
     problems = []
     if lonely_images:
         names = [images[s].name for s in lonely_images]
-        problems.append(f"{len(names)} tile(s) in {found.images} have no {what} in {found.sources} ({_listing(names)})")
+        problems.append(f"{len(names)} tile(s) in {found.images} have no {what} in {found.sources} ({listing(names)})")
     if lonely_sources:
         names = [sources[s].name for s in lonely_sources]
         problems.append(
-            f"{len(names)} {what} file(s) in {found.sources} have no tile in {found.images} ({_listing(names)})"
+            f"{len(names)} {what} file(s) in {found.sources} have no tile in {found.images} ({listing(names)})"
         )
     if problems:
         raise DataError(
@@ -324,7 +305,7 @@ def _set_items(found: _Set, patch_size: int) -> list[dict]:
                 f"{pair['image']} is {width}x{height}, smaller than --patch_size {patch_size}: lower --patch_size to "
                 f"at most {min(height, width)}, or remove this tile."
             )
-        stem = _stem(Path(pair["image"]))
+        stem = file_stem(Path(pair["image"]))
         if found.kind == "labels" and (height, width) == (patch_size, patch_size):
             items.append({"name": stem, "slide": _slide_of(stem), **pair, "box": [0, 0, patch_size]})
             continue
@@ -385,7 +366,7 @@ def monuseg_datalist(
     sets = _find_sets(dataset_dir)
     if len(sets) > 2:
         raise DataError(
-            f"{sets[0].folder.parent} holds {len(sets)} MoNuSeg sets ({_listing([s.folder.name for s in sets])}): pass "
+            f"{sets[0].folder.parent} holds {len(sets)} MoNuSeg sets ({listing([s.folder.name for s in sets])}): pass "
             "a folder holding one training and one test set, or one set."
         )
     items = [_set_items(s, patch_size) for s in sets]
@@ -402,7 +383,7 @@ def monuseg_datalist(
         shared = sorted({it["slide"] for it in items[0]} & {it["slide"] for it in items[1]})
         if shared:
             raise DataError(
-                f"{len(shared)} slide(s) are in both {sets[0].folder} and {sets[1].folder} ({_listing(shared)}): a "
+                f"{len(shared)} slide(s) are in both {sets[0].folder} and {sets[1].folder} ({listing(shared)}): a "
                 "slide in both sets leaks test data into training; remove it from one of them."
             )
     by_role = dict(zip(roles, items))
@@ -715,10 +696,10 @@ def check_monuseg(items: Sequence[Mapping], progress: bool = False) -> dict[str,
             failed.append(Path(image).name)
             continue
         key = _source(group[0])[0]
-        summary[_stem(Path(image))] = {"image": image, key: source, **info}
+        summary[file_stem(Path(image))] = {"image": image, key: source, **info}
     if first is not None:
         others = failed[1:]
-        more = f" {len(others)} other tile(s) fail too: {_listing(others)}." if others else ""
+        more = f" {len(others)} other tile(s) fail too: {listing(others)}." if others else ""
         raise DataError(f"{first}{more}") from first
     return summary
 
@@ -807,7 +788,7 @@ def prepare_monuseg(
         for item in items:
             plan.append((split, item, patch_root / SPLIT_FOLDERS[split]))
             if "annotation" in item:
-                tiles.setdefault(_stem(Path(item["image"])), (item, out / SPLIT_FOLDERS[split]))
+                tiles.setdefault(file_stem(Path(item["image"])), (item, out / SPLIT_FOLDERS[split]))
 
     def patch_files(item: Mapping, folder: Path) -> tuple[Path, Path, Path]:
         name = item["name"]
@@ -847,7 +828,7 @@ def prepare_monuseg(
                 {"name": item["name"], "slide": item["slide"], "image": str(image_file), "label": str(inst_file)}
                 | {"box": [0, 0, size]}
             )
-            info = summary[_stem(Path(item["image"]))]
+            info = summary[file_stem(Path(item["image"]))]
             info["patches"] += 1
             info["splits"] = sorted({*info["splits"], split})
         report = {

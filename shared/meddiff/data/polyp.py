@@ -39,7 +39,7 @@ from scipy import ndimage, special
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.readers import check_file, folder_entries, read_image
+from meddiff.data.readers import check_file, files_by_stem, folder_entries, listing, read_image
 from meddiff.errors import OptionError
 from meddiff.io import OutputExistsError, atomic_write, save_json
 from meddiff.options import Rule, parse
@@ -63,7 +63,6 @@ MASK_FOLDER = "masks"
 MASK_THRESHOLD = 127
 GREY_LOW, GREY_HIGH = 32, 223
 MAX_GREY_FRACTION = 0.01
-_SHOWN = 3
 _TEST_FRACTION = Rule("float", low=0.0, high=1.0, low_open=True, high_open=True, hint="the share held out for testing")
 _NUM_CLUSTERS = Rule("int", low=1, hint="k of k-means")
 _MAX_SIZE_RATIO = Rule("float", low=1.0, hint="largest over smallest image side")
@@ -118,28 +117,13 @@ def _find_layout(dataset_dir: str | Path | None) -> tuple[Path, Path]:
     raise DataError(f"{root} holds no polyp dataset: {_EXPECTED}; pass the folder that holds them as dataset_dir.")
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(path.suffix)] if path.suffix else path.name
-
-
 def _by_stem(folder: Path) -> dict[str, Path]:
     """The image files directly in `folder` by stem; two files with one stem are refused."""
-    files: dict[str, Path] = {}
-    for path in folder_entries(folder, POLYP_SUFFIXES):
-        if path.name.startswith(".") or not path.name.lower().endswith(POLYP_SUFFIXES) or path.is_dir():
-            continue
-        stem = _stem(path)
-        if stem in files:
-            raise DataError(
-                f"{files[stem]} and {path} have the same name: keep one file per image id (remove or rename one)."
-            )
-        files[stem] = path
-    return files
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
+    paths = folder_entries(folder, POLYP_SUFFIXES)
+    return files_by_stem(
+        (p for p in paths if not p.name.startswith(".") and p.name.lower().endswith(POLYP_SUFFIXES) and not p.is_dir()),
+        "image id",
+    )
 
 
 def find_polyp_pairs(dataset_dir: str | Path) -> list[dict]:
@@ -161,10 +145,10 @@ def find_polyp_pairs(dataset_dir: str | Path) -> list[dict]:
     problems = []
     if no_mask:
         names = [images[s].name for s in no_mask]
-        problems.append(f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir} ({_listing(names)})")
+        problems.append(f"{len(no_mask)} image(s) in {images_dir} have no mask in {masks_dir} ({listing(names)})")
     if no_image:
         names = [masks[s].name for s in no_image]
-        problems.append(f"{len(no_image)} mask(s) in {masks_dir} have no image in {images_dir} ({_listing(names)})")
+        problems.append(f"{len(no_image)} mask(s) in {masks_dir} have no image in {images_dir} ({listing(names)})")
     if problems:
         raise DataError(
             f"{'; '.join(problems)}: an image and its mask share a name; add the missing masks (or images), or remove "
@@ -301,7 +285,7 @@ def check_polyp_pairs(items: Sequence[Mapping], max_size_ratio: float = 4.0, pro
             failed.append(Path(item["image"]).name)
     if first is not None:
         others = failed[1:]
-        more = f" {len(others)} other pair(s) fail too: {_listing(others)}." if others else ""
+        more = f" {len(others)} other pair(s) fail too: {listing(others)}." if others else ""
         raise DataError(f"{first}{more}") from first
     if not sizes:
         return

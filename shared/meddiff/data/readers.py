@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,10 @@ __all__ = [
     "check_declared_size",
     "check_file",
     "file_kind",
+    "files_by_stem",
     "folder_entries",
+    "listing",
+    "stem",
     "itk_reason",
     "read_image",
     "read_nifti_array",
@@ -310,3 +314,28 @@ def volume_information(path: str | os.PathLike):  # -> sitk.ImageFileReader
         shape = tuple(reader.GetSize()) + ((components,) if components > 1 else ())
         check_declared_size(path, shape, _component_bytes(reader.GetPixelID()), data_file, compression)
     return reader
+
+
+def stem(path: str | os.PathLike) -> str:
+    """The file name without its last suffix (``a.tif`` -> ``a``, ``b.nii.gz`` -> ``b.nii``)."""
+    path = Path(path)
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def files_by_stem(paths: Iterable[Path], what: str = "image") -> dict[str, Path]:
+    """`paths` by `stem`; two files with one stem are a `DataError` naming both."""
+    files: dict[str, Path] = {}
+    for path in paths:
+        key = stem(path)
+        if key in files:
+            raise DataError(
+                f"{files[key]} and {path} have the same name: keep one file per {what} (remove or rename one)."
+            )
+        files[key] = path
+    return files
+
+
+def listing(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` names, comma-separated, and how many more there are: for one-line error messages."""
+    text = ", ".join(str(n) for n in names[:shown])
+    return text + (f" (+{len(names) - shown} more)" if len(names) > shown else "")

@@ -61,6 +61,7 @@ __all__ = [
     "accuracy",
     "arm_datasets",
     "compare_arms",
+    "fit_epochs",
     "mean_ci",
     "random_flips",
     "segmentation_comparison",
@@ -293,28 +294,57 @@ def train_and_score(
         torch.manual_seed(seed)
         network = make_network().to(device)
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        bar = tqdm(range(epochs), desc=f"training (seed {seed})", disable=not progress, leave=False)
-        for epoch in bar:
-            network.train()
-            order = torch.randperm(len(train_items), generator=generator).tolist()
-            total = 0.0
-            for start in range(0, len(order), batch_size):
-                images, targets = _batch(train_items, order[start : start + batch_size])
-                if augment is not None:
-                    images, targets = augment(images, targets, generator)
-                optimizer.zero_grad(set_to_none=True)
-                value = loss(_final(network(images.to(device))), targets.to(device))
-                if not torch.isfinite(value):
-                    raise UserError(
-                        f"the training loss became {value.item()} in epoch {epoch + 1} (seed {seed}): "
-                        f"lower --learning_rate (now {learning_rate:g})."
-                    )
-                value.backward()
-                optimizer.step()
-                total += value.item() * len(images)
-            bar.set_postfix(loss=f"{total / len(order):.4f}")
+
+        def batch_loss(index: list[int]) -> torch.Tensor:
+            images, targets = _batch(train_items, index)
+            if augment is not None:
+                images, targets = augment(images, targets, generator)
+            return loss(_final(network(images.to(device))), targets.to(device))
+
+        fit_epochs(
+            network, len(train_items), batch_loss, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            weight_decay=weight_decay, generator=generator, desc=f"training (seed {seed})", progress=progress,
+        )  # fmt: skip
         return _score(network, test_items, batch_size, device, postprocess, metrics, dataset_metrics or {})
+
+
+def fit_epochs(
+    network: torch.nn.Module,
+    num_items: int,
+    batch_loss: Callable[[list[int]], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> torch.nn.Module:
+    """Adam at a constant learning rate for `epochs` passes over items ``0 .. num_items - 1``, reshuffled every epoch
+    with `generator`; ``batch_loss(index)`` builds a batch of those items and returns its loss. A loss that is not
+    finite stops the training with a `UserError` that names the learning rate."""
+    # foreach: half the CPU time of Adam's default per-tensor update on CPU, the same update
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay, foreach=True)
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        network.train()
+        order = torch.randperm(num_items, generator=generator).tolist()
+        total = 0.0
+        for start in range(0, num_items, batch_size):
+            index = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            value = batch_loss(index)
+            if not torch.isfinite(value):
+                raise UserError(
+                    f"the training loss became {value.item()} in epoch {epoch + 1} ({desc}): "
+                    f"lower --learning_rate (now {learning_rate:g})."
+                )
+            value.backward()
+            optimizer.step()
+            total += value.item() * len(index)
+        bar.set_postfix(loss=f"{total / num_items:.4f}")
+    return network
 
 
 def _score(

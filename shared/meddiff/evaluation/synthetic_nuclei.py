@@ -273,7 +273,12 @@ def summary(metrics: dict) -> str:
         f"{show(fid['real_test_vs_training'])})"
     ]
     downstream = metrics.get("downstream")
-    if downstream:
+    if not downstream:
+        lines.append(
+            "no downstream test (--downstream_seeds is empty, or no test patches): HoVerNet trains for minutes per "
+            "epoch on a CPU; run evaluate.json with --downstream_seeds [0,1,2] where there is a GPU"
+        )
+    else:
         arms = ", ".join(f"{arm} {v['mean']['f1']['mean']:.3f}" for arm, v in downstream["arms"].items())
         lines.append(f"downstream instance F1@0.5 on {metrics['num_real_test']} real test patches: {arms}")
         for arm, diff in downstream["differences"].items():
