@@ -102,22 +102,24 @@ def test_pretraining_then_fine_tuning_from_the_pretrained_weights(trained, tmp_p
     assert not all(torch.allclose(scratch[k].float(), start[k].float(), atol=1e-6) for k in start)
 
 
-def test_fine_tuning_without_a_cluster_or_pretrained_weights_is_one_clear_error(trained, tmp_path) -> None:
+def test_fine_tuning_needs_the_pretrained_weights_and_without_a_cluster_tunes_every_patch(trained, tmp_path) -> None:
     root, data = trained
-    with pytest.raises(Exception) as err:
-        run("training", ["train.json", "finetune.json"], tmp_path / "a", data)
-    assert "--cluster_index" in user_error(err)
     other = tmp_path / "b"
     shutil.copytree(root / "clusters", other / "clusters")
     with pytest.raises(Exception) as err:
         run("training", ["train.json", "finetune.json"], other, data, cluster_index=0)
     message = user_error(err)
     assert "pretrained" in message and "does not exist" in message
+    shutil.copytree(root / "models" / "pretrained", other / "models" / "pretrained")
+    run("training", ["train.json", "finetune.json"], other, data)
+    settings = json.loads((other / "models" / "finetuned" / "model.json").read_text())["settings"]
+    assert settings["cluster_index"] is None and settings["drop_rate"] == 0.2
     with pytest.raises(Exception) as err:  # pre-trained without condition dropout (drop_rate 0): nothing to guide with
-        run("run", ["inference.json"], root, data, output_dir=str(tmp_path / "c"))
+        run("run", ["inference.json"], root, data, output_dir=str(tmp_path / "c"), guidance_scale=1.5)
     assert "--guidance_scale 1" in user_error(err) and not (tmp_path / "c").exists()
-    run("run", ["inference.json"], root, data, output_dir=str(tmp_path / "c"), guidance_scale=1.0)
-    assert len(json.loads((tmp_path / "c" / "generation.json").read_text())["samples"]) == 3
+    run("run", ["inference.json"], root, data, output_dir=str(tmp_path / "c"))  # its default: s = 1
+    samples = json.loads((tmp_path / "c" / "generation.json").read_text())["samples"]
+    assert len(samples) == 3 and json.loads((tmp_path / "c" / samples[0]["record"]).read_text())["guidance_scale"] == 1
 
 
 def test_generation_writes_images_instance_maps_conditions_and_records(trained, tmp_path) -> None:

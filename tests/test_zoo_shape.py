@@ -1,7 +1,8 @@
 """Every bundle under bundles/ in the model-zoo shape, checked the way MONAI checks it, with no per-bundle code.
 
-For each bundle and each of its configs, layered as users layer them (``multi_gpu_<x>.json`` on ``<x>.json``, any
-other overlay such as ``evaluate.json`` on ``inference.json``), on the bundle's built-in demo data and its
+For each bundle and each of its configs, layered as users layer them (``multi_gpu_<x>.json`` on ``<x>.json``,
+``finetune*.json`` on ``train.json``, any other overlay such as ``evaluate.json`` on ``inference.json``), on the
+bundle's built-in demo data and its
 ``demo.json`` settings:
 
 - ``ConfigWorkflow(...).check_properties()`` returns ``[]``: ``workflow_type="train"`` for ``train*.json`` (and
@@ -55,6 +56,8 @@ def layered(bundle: Path, name: str) -> tuple[list[str], str]:
         return [base, name], layered(bundle, base)[1]
     if name.startswith("train"):
         return [name], "train"
+    if name.startswith("finetune"):  # a second training stage, started from train.json's weights
+        return ["train.json", name], "train"
     if name == "inference.json":
         return [name], "infer"
     return ["inference.json", name], "infer"

@@ -44,6 +44,9 @@ _SUBMODULES = {
     "pairs",
     "workflows",
     "verdicts",
+    "nuclei",
+    "nuclei_generation",
+    "ood",
 }
 
 

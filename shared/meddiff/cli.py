@@ -158,7 +158,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"== {bundle}: training, generating, evaluating (results in {out}/)", flush=True)
         run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=overwrite, **settings)  # prints its metrics
         elapsed = time.perf_counter() - start
-        print(f"== {bundle} done in {elapsed:.0f} s: {out}/grid.png, {out}/metrics.json", flush=True)
+        grids = [out / "grid.png"] if (out / "grid.png").is_file() else sorted(out.glob("eval/generated/*/grid.png"))
+        shown = ", ".join(str(p) for p in [*grids, out / "metrics.json"])
+        print(f"== {bundle} done in {elapsed:.0f} s: {shown}", flush=True)
     return 0
 
 

@@ -4,6 +4,7 @@
   and mask faithfulness (Dice of a segmenter trained on real images);
 - `meddiff.evaluation.pairs`: generated image + mask pairs (the polyp bundle): FID, MS-SSIM and the downstream test;
 - `meddiff.evaluation.nuclei`: the nuclei instance segmentation test (HoVerNet on real vs real + k x synthetic);
+- `meddiff.evaluation.synthetic_nuclei`: generated H&E patches: OOD scores, FID, nuclear contrast, downstream;
 - `meddiff.evaluation.downstream`: task networks trained on real, synthetic and real+synthetic data over several
   seeds, scored on a held-out real test split, with Student-t intervals and paired-by-seed differences.
 
@@ -35,6 +36,7 @@ from meddiff.evaluation.nuclei import (
     train_hovernet,
 )
 from meddiff.evaluation.pairs import evaluate_pair_generation, read_generated_pairs
+from meddiff.evaluation.synthetic_nuclei import evaluate_nuclei_generation, score_generated_nuclei
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -45,6 +47,7 @@ __all__ = [
     "arm_datasets",
     "compare_arms",
     "evaluate_mask_conditioned_generation",
+    "evaluate_nuclei_generation",
     "evaluate_pair_generation",
     "hovernet_targets",
     "load_generated",
@@ -54,6 +57,7 @@ __all__ = [
     "predict_instances",
     "random_flips",
     "read_generated_pairs",
+    "score_generated_nuclei",
     "segment",
     "segmentation_comparison",
     "train_and_score",
