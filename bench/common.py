@@ -14,7 +14,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "bench" / "README.md"
 
-__all__ = ["README", "REPO", "machine_busy_s", "machine_info", "median", "update_readme_block", "wait_for_quiet"]
+__all__ = [
+    "README",
+    "REPO",
+    "machine_busy_s",
+    "machine_info",
+    "median",
+    "run_clock",
+    "update_readme_block",
+    "wait_for_quiet",
+    "write_report",
+]
 
 
 def median(values: list[float]) -> float:
@@ -122,3 +132,24 @@ def bundle_network(configs: Path, bundle_root: Path | None, settings: dict):  # 
             network, parser.get_parsed_content("weights_file"), parser.get_parsed_content("model_settings")
         )
     return network.eval()
+
+
+def run_clock() -> tuple[float, float, float]:
+    """(wall clock, machine busy seconds, this process's CPU seconds) at the start of a run, for `write_report`."""
+    return time.perf_counter(), machine_busy_s(), _cpu_self_s()
+
+
+def write_report(report: dict, out: Path, clock: tuple[float, float, float]) -> float:
+    """Add the run's wall time, the load average and the other processes' CPU share to `report`, write it as JSON
+    to `out`; return the wall seconds."""
+    import json
+
+    t0, busy0, cpu0 = clock
+    wall = time.perf_counter() - t0
+    report["wall_s"] = round(wall, 1)
+    report["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
+    others = machine_busy_s() - busy0 - (_cpu_self_s() - cpu0)
+    report["others_cpu_share"] = round(others / (wall * (os.cpu_count() or 1)), 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return wall

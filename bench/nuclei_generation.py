@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -250,14 +249,13 @@ def ood_timing(real_train, scored, features) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from common import machine_busy_s, machine_info
+    from common import machine_info, run_clock, write_report
 
     from meddiff.features import ImageFeatures
     from meddiff.nuclei import match_structures
 
     torch.set_num_threads(args.threads)
-    t0, busy0 = time.perf_counter(), machine_busy_s()
-    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    clock = run_clock()
     steps = QUICK_STEPS if args.quick else {k: s["steps"] for k, s in SETTINGS.items()}
     arch = TINY_NET if args.quick else SMALL_NET
     report = {"benchmark": "nuclei_generation", "args": vars(args), "machine": machine_info(), "settings": SETTINGS,
@@ -318,14 +316,9 @@ def run(args: argparse.Namespace) -> dict:
     scored = t_images[train_count:][: 100 if not args.quick else 8]
     print("OOD filter", flush=True)
     report["ood"] = ood_timing(t_images[:train_count], scored, features)
-    wall = time.perf_counter() - t0
-    own = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
-    report["wall_s"] = round(wall, 1)
-    report["others_cpu_share"] = round((machine_busy_s() - busy0 - own) / (wall * (os.cpu_count() or 1)), 3)
     quick_out = Path(tempfile.gettempdir()) / "nuclei_generation_quick.json"
     out = Path(args.out) if args.out else quick_out if args.quick else OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    wall = write_report(report, out, clock)
     print(f"wrote {out} ({wall / 60:.1f} min)\n{table(report)}", flush=True)
     return report
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -235,13 +234,12 @@ def quality(features, real, outs: dict, targets, draws: int = 20) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from common import machine_busy_s, machine_info
+    from common import machine_info, run_clock, write_report
 
     from meddiff.features import ImageFeatures
 
     torch.set_num_threads(args.threads)
-    t0, busy0 = time.perf_counter(), machine_busy_s()
-    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    clock = run_clock()
     settings = QUICK_SETTINGS if args.quick else SETTINGS
     report = {"benchmark": "polyp_generation", "args": vars(args), "machine": machine_info(), "settings": settings,
               "network": {"used": {**NET, **SMALL_NET}, "seed": {**NET, **SEED_NET}}, "precision": "fp32",
@@ -289,15 +287,9 @@ def run(args: argparse.Namespace) -> dict:
         report["quality_note"] = f"FID of {len(targets_fid)} generated vs {len(data)} real images at {fid_size} px"
     else:
         report["quality"] = f"skipped: Kvasir-SEG sample not found at {DATA}"
-    wall = time.perf_counter() - t0
-    own = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
-    report["wall_s"] = round(wall, 1)
-    report["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    report["others_cpu_share"] = round((machine_busy_s() - busy0 - own) / (wall * (os.cpu_count() or 1)), 3)
     quick_out = Path(tempfile.gettempdir()) / "polyp_generation_quick.json"
     out = Path(args.out) if args.out else quick_out if args.quick else OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    wall = write_report(report, out, clock)
     print(f"wrote {out} ({wall / 60:.1f} min)\n{table(report)}", flush=True)
     return report
 
