@@ -132,16 +132,17 @@ def nuclear_contrast(images: np.ndarray, insts: Sequence[np.ndarray]) -> float |
     return float(np.mean(values)) if values else None
 
 
-def _fid(features: Any, real: np.ndarray, fake: np.ndarray) -> float | None:
+def _fid(real_features: np.ndarray, features: Any, images: np.ndarray) -> float | None:
+    """FID of `images` against the real patches' already extracted features (None with fewer than 2 on a side)."""
     import warnings
 
     from meddiff.metrics.fid import frechet_inception_distance
 
-    if len(real) < 2 or len(fake) < 2:
+    if len(real_features) < 2 or len(images) < 2:
         return None
     with warnings.catch_warnings():  # scipy's sqrtm warns on the rank-deficient covariances of small sets
         warnings.simplefilter("ignore")
-        return float(frechet_inception_distance(features.extract(real), features.extract(fake)))
+        return float(frechet_inception_distance(real_features, features.extract(images)))
 
 
 def _weights(names: Sequence[str], ood_file: str | os.PathLike) -> list[float]:
@@ -208,14 +209,15 @@ def evaluate_nuclei_generation(
         )
     test, test_insts = _real(test_items, "test") if test_items else (np.zeros((0, *real.shape[1:])), [])
     features = ImageFeatures(feature_weights)
+    real_features = features.extract(real)  # once, for both FIDs
     metrics: dict[str, Any] = {
         "num_generated": len(fake),
         "num_real_training": len(real),
         "num_real_test": len(test),
         "patch_size": int(real.shape[-1]),
         "fid": {
-            "generated_vs_training": _fid(features, real, fake),
-            "real_test_vs_training": _fid(features, real, test) if len(test) else None,
+            "generated_vs_training": _fid(real_features, features, fake),
+            "real_test_vs_training": _fid(real_features, features, test) if len(test) else None,
         },
         "nuclear_contrast": {
             "generated": nuclear_contrast(fake, fake_insts),
