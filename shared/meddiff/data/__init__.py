@@ -27,6 +27,6 @@ def __getattr__(name: str) -> object:
     """Import `meddiff.data.<name>` submodules (e.g. `lidc`, `phantoms`) on first use, for bundle configs."""
     import importlib
 
-    if name in ("inference", "lidc", "monuseg", "phantoms", "polyp", "readers", "slices"):
+    if name in ("histology", "inference", "lidc", "monuseg", "phantoms", "polyp", "readers", "slices"):
         return importlib.import_module(f"meddiff.data.{name}")
     raise AttributeError(f"module 'meddiff.data' has no attribute {name!r}")
