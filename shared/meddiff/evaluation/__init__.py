@@ -5,6 +5,8 @@
 - `meddiff.evaluation.pairs`: generated image + mask pairs (the polyp bundle): FID, MS-SSIM and the downstream test;
 - `meddiff.evaluation.nuclei`: the nuclei instance segmentation test (HoVerNet on real vs real + k x synthetic);
 - `meddiff.evaluation.synthetic_nuclei`: generated H&E patches: OOD scores, FID, nuclear contrast, downstream;
+- `meddiff.evaluation.histology`: class-guided histology tiles: FID per class, the intended-class rate with and
+  without guidance, and the downstream classification test at label fractions;
 - `meddiff.evaluation.downstream`: task networks trained on real, synthetic and real+synthetic data over several
   seeds, scored on a held-out real test split, with Student-t intervals and paired-by-seed differences.
 
@@ -19,13 +21,18 @@ from meddiff.evaluation.downstream import (
     SEGMENTATION_LOSSES,
     accuracy,
     arm_datasets,
+    classification_comparison,
     compare_arms,
+    macro_f1,
+    make_classifier,
     mean_ci,
+    predict_classes,
     random_flips,
     segmentation_comparison,
     train_and_score,
 )
 from meddiff.evaluation.generation import evaluate_mask_conditioned_generation, load_generated, segment
+from meddiff.evaluation.histology import evaluate_histology_augmentation
 from meddiff.evaluation.nuclei import (
     NUCLEI_METRICS,
     PaddedHoVerNet,
@@ -45,13 +52,18 @@ __all__ = [
     "SEGMENTATION_LOSSES",
     "accuracy",
     "arm_datasets",
+    "classification_comparison",
     "compare_arms",
+    "evaluate_histology_augmentation",
     "evaluate_mask_conditioned_generation",
     "evaluate_nuclei_generation",
     "evaluate_pair_generation",
     "hovernet_targets",
     "load_generated",
+    "macro_f1",
+    "make_classifier",
     "mean_ci",
+    "predict_classes",
     "nuclei_scores",
     "nuclei_segmentation_comparison",
     "predict_instances",

@@ -36,7 +36,14 @@ Conventions:
   scratch, because ImageNet encoder weights cannot be downloaded here; one sigmoid channel with MONAI
   ``DiceLoss(sigmoid=True)`` (the same Dice on the foreground; ``loss="dice_bce"`` adds BCE); a constant learning
   rate; random horizontal and vertical flips as the only augmentation; the last epoch scored. Absolute Dice/IoU
-  are therefore not comparable to the paper's; the comparison between arms is what this test measures.
+  are therefore not comparable to the paper's; the comparison between arms is what this test measures;
+- classification (`classification_comparison`): K-class logits, cross entropy; ``accuracy`` is the share of test
+  images whose arg-max is their class, ``macro_f1`` the unweighted mean of per-class F1 over the classes present in
+  the targets or predictions (sklearn's ``f1_score(average="macro")``: a class never predicted scores 0);
+- deviations from HistoDiffusion's classifier (ViT-S/16 from scratch with the DeiT recipe, methods.md §5.6): a
+  MONAI DenseNet121 from scratch by default (``vit_s16``, MONAI's ViT at ViT-S/16 sizes, is available), Adam at a
+  constant learning rate with the paper's weight decay 0.05, flips as the only augmentation (no mixup, cutmix,
+  RandAugment, random erasing or label smoothing), the last epoch scored.
 """
 
 from __future__ import annotations
@@ -56,13 +63,19 @@ from meddiff.metrics.ambiguity import dice, iou
 from meddiff.options import Rule, parse
 
 __all__ = [
+    "CLASSIFIERS",
     "DEFAULT_FEATURES",
     "SEGMENTATION_LOSSES",
+    "SmallCNN",
     "accuracy",
     "arm_datasets",
+    "classification_comparison",
     "compare_arms",
     "fit_epochs",
+    "macro_f1",
+    "make_classifier",
     "mean_ci",
+    "predict_classes",
     "random_flips",
     "segmentation_comparison",
     "train_and_score",
@@ -250,6 +263,7 @@ def train_and_score(
     augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
     dataset_metrics: Mapping[str, Metric] | None = None,
     progress: bool = True,
+    on_trained: Callable[[torch.nn.Module], Any] | None = None,
 ) -> dict[str, float]:
     """Train a fresh network on `train_items` with Adam for `epochs` epochs, then score it on `test_items`.
 
@@ -273,6 +287,8 @@ def train_and_score(
             `random_flips`; None for none.
         dataset_metrics: ``{name: fn(predictions, targets) -> float}`` on all test predictions at once.
         progress: show a progress bar over the epochs.
+        on_trained: called with the trained network (in eval mode, on `device`) before it is scored, e.g. to
+            predict other images with it; its return value is ignored.
 
     Returns:
         ``{metric name: score}`` for `metrics` and `dataset_metrics`.
@@ -305,6 +321,9 @@ def train_and_score(
             network, len(train_items), batch_loss, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             weight_decay=weight_decay, generator=generator, desc=f"training (seed {seed})", progress=progress,
         )  # fmt: skip
+        if on_trained is not None:
+            network.eval()
+            on_trained(network)
         return _score(network, test_items, batch_size, device, postprocess, metrics, dataset_metrics or {})
 
 
@@ -568,6 +587,269 @@ def segmentation_comparison(
         "checkpoint": "last epoch",
         "threshold": THRESHOLD,
         "empty_vs_empty": 1.0,
+        "seeds": seeds,
+        "num_train": {arm: len(items) for arm, items in train_sets.items()},
+        "num_test": len(test_items),
+        "image_shape": list(shape),
+        "device": str(device),
+    }
+    if output_file is not None:
+        save_json(result, output_file, overwrite=True)  # checked above, before the work
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- classification
+
+
+class SmallCNN(torch.nn.Module):
+    """A small classifier for CPU tests and demos: two strided 3x3 convolutions, global average pooling, a linear head.
+
+    Args:
+        in_channels: image channels.
+        num_classes: K, the logits returned (B, K).
+        width: channels of the first convolution (the second has twice as many).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, width, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        self.head = torch.nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+#: the classifiers `classification_comparison` trains from scratch, by name
+CLASSIFIERS = {
+    "densenet121": "monai DenseNet121(spatial_dims=2)",
+    "vit_s16": "monai ViT, ViT-S/16 sizes (hidden 384, mlp 1536, 12 layers, 6 heads, patch 16), linear head",
+    "small_cnn": "meddiff SmallCNN (2 convolutions, global average pooling, linear head)",
+}
+_NETWORK = Rule("choice", choices=tuple(CLASSIFIERS))
+VIT_PATCH = 16
+
+
+def make_classifier(name: str, in_channels: int, num_classes: int, image_size: Sequence[int]) -> torch.nn.Module:
+    """An untrained classifier `name` of `CLASSIFIERS` for images (in_channels, *image_size) and K classes."""
+    name = _NETWORK("network", name)
+    if name == "densenet121":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+    if name == "vit_s16":
+        from monai.networks.nets import ViT
+
+        if any(s % VIT_PATCH for s in image_size):
+            raise OptionError(
+                f"--network vit_s16 needs an image side divisible by {VIT_PATCH}, got {tuple(image_size)}: pass "
+                "--image_size 224 or 256, or another --network."
+            )
+        return ViT(
+            in_channels=in_channels, img_size=tuple(image_size), patch_size=VIT_PATCH, hidden_size=384, mlp_dim=1536,
+            num_layers=12, num_heads=6, classification=True, num_classes=num_classes, spatial_dims=2,
+            post_activation=None, qkv_bias=True,
+        )  # fmt: skip
+    return SmallCNN(in_channels, num_classes)
+
+
+def _class_indices(x: torch.Tensor) -> torch.Tensor:
+    """Class indices (N,) of scores (N, K) (their arg-max) or of indices (N,)."""
+    x = torch.as_tensor(x)
+    return (torch.argmax(x, dim=1) if x.ndim == 2 else x.reshape(-1)).long()
+
+
+def macro_f1(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN) (sklearn ``f1_score(average="macro")``).
+
+    Args:
+        predictions: scores (N, K) (their arg-max is the prediction) or class indices (N,).
+        targets: class indices (N,).
+
+    The mean runs over the classes present in the targets or the predictions; a class that is never predicted
+    (or never right) scores 0, as sklearn's default.
+    """
+    predicted, truth = _class_indices(predictions), _class_indices(targets)
+    if predicted.shape != truth.shape or predicted.numel() == 0:
+        raise UserError(f"macro_f1 needs one prediction per target, got {predicted.numel()} and {truth.numel()}.")
+    scores = []
+    for k in torch.unique(torch.cat([predicted, truth])).tolist():
+        tp = int(((predicted == k) & (truth == k)).sum())
+        fp = int(((predicted == k) & (truth != k)).sum())
+        fn = int(((predicted != k) & (truth == k)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def predict_classes(network: torch.nn.Module, images: Any, batch_size: int = 32) -> np.ndarray:
+    """Arg-max class (N,) int64 of a trained classifier for images (N, C, H, W), in eval mode on its device."""
+    module = getattr(network, "module", network)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            batch = torch.as_tensor(batch if isinstance(batch, torch.Tensor) else np.asarray(batch))
+            out.append(torch.argmax(_final(network(batch.float().to(device))), dim=1).cpu())
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def _classification_items(pair: Any, name: str, num_classes: int) -> list[Item]:
+    """(image (C,H,W), label 0-d int64) items of one arm or the test set, checked; images are not copied."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise UserError(f"{name} must be an (images, labels) pair, got {type(pair).__name__}.")
+    images = pair[0] if isinstance(pair[0], (torch.Tensor, np.ndarray)) else list(pair[0])
+    images = [torch.as_tensor(im) for im in images]
+    labels = torch.as_tensor(np.asarray(pair[1])).reshape(-1)
+    if not images:
+        fix = "leave the arm out" if name.startswith("arm") else "hold out some real images for testing"
+        raise UserError(f"{name} has no images: give it at least one image and label, or {fix}.")
+    if len(images) != len(labels):
+        raise UserError(f"{name} has {len(images)} images but {len(labels)} labels: give exactly one label per image.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise UserError(f"{name} labels are {labels.dtype}: give class indices as whole numbers.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(
+            f"{name} labels range over {int(labels.min())}..{int(labels.max())} but --num_classes is {num_classes}: "
+            "give class indices 0..num_classes-1."
+        )
+    shapes = sorted({tuple(im.shape) for im in images})
+    if len(shapes) > 1 or len(shapes[0]) != 3:
+        raise UserError(f"{name} images have shapes {shapes}: give them as (C, H, W), all of one size.")
+    return list(zip(images, labels.long()))
+
+
+def classification_comparison(
+    arms: Mapping[str, tuple[Any, Any]],
+    test: tuple[Any, Any],
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.05,
+    network: str = "densenet121",
+    augment: bool = True,
+    reference: str = "real",
+    confidence: float = 0.95,
+    device: str | torch.device = "cpu",
+    output_file: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_trained: Callable[[str, int, torch.nn.Module], Any] | None = None,
+) -> dict:
+    """Image classification trained on each arm and seed, scored by accuracy and macro F1 on the real test split.
+
+    HistoDiffusion's test (methods.md §5.6) trains a ViT-S/16 from scratch with the DeiT recipe (AdamW, weight
+    decay 0.05, cosine schedule with warm-up, 300 epochs, label smoothing, mixup/cutmix, RandAugment, random
+    erasing). Here: a MONAI classifier from scratch (`CLASSIFIERS`; DenseNet121 by default, which learns from a few
+    hundred tiles where a ViT without DeiT's augmentation does not; ``vit_s16`` is the paper's network), cross
+    entropy, Adam at a constant learning rate with the paper's weight decay, random horizontal and vertical flips as
+    the only augmentation, the last epoch scored. Absolute accuracies are therefore not the paper's; the comparison
+    between arms is what this test measures.
+
+    Args:
+        arms: ``{arm: (images, labels)}``: images (N, C, H, W) float (stacked, or a sequence of (C, H, W)), labels
+            (N,) class indices; images are shared, not copied.
+        test: ``(images, labels)`` of the held-out real test split, the same channel count and size.
+        seeds: one run per arm and seed; differences are paired by seed.
+        num_classes: K; labels lie in 0..K-1.
+        epochs: training epochs per run.
+        batch_size: images per step.
+        learning_rate: Adam's learning rate, constant.
+        weight_decay: Adam's weight decay.
+        network: one of `CLASSIFIERS`: "densenet121", "vit_s16" or "small_cnn" (CPU tests).
+        augment: random horizontal and vertical flips of the training images.
+        reference: the arm the others are compared with.
+        confidence: the intervals' coverage.
+        device: where the networks train.
+        output_file: where to write the result as JSON; None writes nothing. Refused before any training when it
+            exists, unless `overwrite`.
+        overwrite: replace an existing `output_file`.
+        progress: show progress bars.
+        on_trained: ``on_trained(arm, seed, network)`` after each run's training, before it is scored.
+
+    Returns:
+        `compare_arms`'s result (per arm ``per_seed`` and ``mean`` of ``accuracy`` and ``macro_f1``;
+        ``differences``) plus ``settings``.
+    """
+    seeds = _SEEDS("seeds", seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise OptionError(f"--seeds must list distinct seeds such as [0, 1, 2], got {seeds!r}.")
+    num_classes = parse("num_classes", num_classes)
+    if num_classes is None:
+        raise OptionError("--num_classes must be set: the number of classes the labels index.")
+    network, augment = _NETWORK("network", network), _BOOL("augment", augment)
+    epochs, batch_size = parse("num_epochs", epochs), parse("batch_size", batch_size)
+    learning_rate, weight_decay = parse("learning_rate", learning_rate), parse("weight_decay", weight_decay)
+    progress = parse("progress", progress)
+    if not arms:
+        raise UserError("no training arms given: pass arms={'real': (images, labels), ...}.")
+    if reference not in arms:
+        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(arms)}: pass one of them.")
+    confidence = _confidence(confidence)
+    if output_file is not None:
+        check_new_output(output_file, parse("overwrite", overwrite))
+    test_items = _classification_items(test, "the test set", num_classes)
+    shape = tuple(test_items[0][0].shape)
+    train_sets = {}
+    for arm, pair in arms.items():
+        items = _classification_items(pair, f"arm {arm!r}", num_classes)
+        if tuple(items[0][0].shape) != shape:
+            raise UserError(
+                f"arm {arm!r} images are {tuple(items[0][0].shape)} but the test images {shape}: bring every "
+                "image to one channel count and size."
+            )
+        train_sets[arm] = items
+    make_classifier(network, shape[0], num_classes, shape[1:])  # refuses a bad size before any training
+
+    def make_network() -> torch.nn.Module:
+        return make_classifier(network, shape[0], num_classes, shape[1:])
+
+    runs = [(arm, seed) for arm in train_sets for seed in seeds]
+    scores: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in train_sets}
+    for arm, seed in tqdm(runs, desc="downstream runs", disable=not progress):
+        hook = None if on_trained is None else (lambda net, arm=arm, seed=seed: on_trained(arm, seed, net))
+        scores[arm][seed] = train_and_score(
+            train_sets[arm],
+            test_items,
+            make_network,
+            seed,
+            loss=torch.nn.CrossEntropyLoss(),
+            metrics={"accuracy": accuracy},
+            dataset_metrics={"macro_f1": macro_f1},
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            device=device,
+            augment=random_flips if augment else None,
+            progress=progress,
+            on_trained=hook,
+        )
+    result = compare_arms(scores, reference=reference, confidence=confidence)
+    result["settings"] = {
+        "task": "classification",
+        "network": f"{CLASSIFIERS[network]}, trained from scratch",
+        "paper_network": "ViT-S/16 from scratch, DeiT recipe (methods.md §5.6)",
+        "num_classes": num_classes,
+        "loss": "CrossEntropyLoss",
+        "optimizer": "Adam",
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "augment": "random horizontal and vertical flips" if augment else None,
+        "checkpoint": "last epoch",
+        "metrics": {"accuracy": "mean over test images", "macro_f1": "sklearn f1_score(average='macro')"},
         "seeds": seeds,
         "num_train": {arm: len(items) for arm, items in train_sets.items()},
         "num_test": len(test_items),
