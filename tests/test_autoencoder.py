@@ -308,3 +308,28 @@ def test_recorder_needs_a_batch(tmp_path: Path) -> None:
         recorder.compute()
     with pytest.raises(OptionError, match="num_batches"):
         LatentScaleRecorder(checkpoint.save_dict["model"], [], checkpoint, num_batches=0)
+
+
+def test_adaptive_weight_balances_the_gradients_at_the_last_layer_by_hand() -> None:
+    """CompVis' adaptive weight: |grad_w rec| / (|grad_w adv| + 1e-4) at the last layer w, here by hand.
+
+    With w = [1, 2], rec = sum(3 w) (gradient [3, 3], norm 3 sqrt 2) and the generator hinge on the logit
+    x = 0.1 w_1 + 0.2 w_2 = 0.5 (MONAI: relu(1 - tanh(x)), gradient -(1 - tanh^2 x) [0.1, 0.2]).
+    """
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = GeneratorAdversarialLoss(weight=0.5, adaptive_layer=w)
+    engine = Engine(lambda e, b: None)
+    loss.attach(engine)
+    logit = (torch.tensor([0.1, 0.2]) * w).sum().view(1, 1, 1, 1)
+    engine.state.output = {"reconstruction_loss": (3.0 * w).sum()}
+    got = loss([logit])
+    sech2 = 1.0 - math.tanh(0.5) ** 2
+    adv_norm = sech2 * math.hypot(0.1, 0.2)
+    scale = 3.0 * math.sqrt(2.0) / (adv_norm + 1e-4)
+    assert loss.last_adaptive_weight == pytest.approx(scale, rel=1e-5)
+    assert float(got) == pytest.approx(0.5 * scale * (1.0 - math.tanh(0.5)), rel=1e-5)
+    got.backward()
+    assert w.grad is not None and torch.allclose(w.grad, -0.5 * scale * sech2 * torch.tensor([0.1, 0.2]), rtol=1e-5)
+    engine.state.output = {}
+    with pytest.raises(RuntimeError, match="reconstruction loss"):
+        loss([logit])
