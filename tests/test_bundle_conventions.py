@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bundle_helpers import layered, main_training, training_configs
 from conftest import SHARED
 from monai.bundle import ConfigParser
 
@@ -14,10 +15,8 @@ from meddiff.demo import bundles_dir
 BUNDLES = sorted(p for p in bundles_dir().iterdir() if (p / "configs" / "metadata.json").is_file())
 REQUIRED = [
     "configs/metadata.json",
-    "configs/train.json",
     "configs/inference.json",
     "configs/evaluate.json",
-    "configs/multi_gpu_train.json",
     "configs/logging.conf",
     "docs/README.md",
     "LICENSE",
@@ -28,6 +27,8 @@ REQUIRED = [
 def test_bundle_files(bundle: Path) -> None:
     missing = [name for name in REQUIRED if not (bundle / name).is_file()]
     assert not missing, f"{bundle.name} lacks {missing}"
+    assert training_configs(bundle), f"{bundle.name} has no configs/train*.json"
+    assert list((bundle / "configs").glob("multi_gpu_train*.json")), f"{bundle.name} has no multi-GPU training overlay"
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
@@ -47,8 +48,19 @@ def test_metadata_is_valid(bundle: Path) -> None:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_configs_define_the_standard_ids(bundle: Path) -> None:
-    train = ConfigParser()
-    train.read_config(str(bundle / "configs" / "train.json"))
+    for name in training_configs(bundle):
+        train = ConfigParser()
+        train.read_config([str(bundle / "configs" / c) for c in layered(bundle, name)[0]])
+        _check_training_ids(bundle, name, train)
+    inference = ConfigParser()
+    inference.read_config(str(bundle / "configs" / "inference.json"))
+    for key in ("bundle_root", "device", "network_def", "network", "inferer", "run"):
+        assert key in inference, f"{bundle.name}/configs/inference.json lacks {key}"
+    imports = inference["imports"]
+    assert "$import meddiff" in imports
+
+
+def _check_training_ids(bundle: Path, name: str, train: ConfigParser) -> None:
     for key in (
         "bundle_root",
         "device",
@@ -61,19 +73,13 @@ def test_configs_define_the_standard_ids(bundle: Path) -> None:
         "train#handlers",
         "training",
     ):
-        assert key in train, f"{bundle.name}/configs/train.json lacks {key}"
-    inference = ConfigParser()
-    inference.read_config(str(bundle / "configs" / "inference.json"))
-    for key in ("bundle_root", "device", "network_def", "network", "inferer", "run"):
-        assert key in inference, f"{bundle.name}/configs/inference.json lacks {key}"
-    imports = inference["imports"]
-    assert "$import meddiff" in imports
+        assert key in train, f"{bundle.name}/configs/{name} lacks {key}"
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_boolean_network_settings_from_the_command_line_are_booleans(bundle: Path) -> None:
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config([str(bundle / "configs" / c) for c in main_training(bundle)])
     levels = parser["attention_levels"]
     parser["attention_levels"] = ["false"] * (len(levels) - 1) + ["true"]  # how Fire hands over "[false,...,true]"
     if "resblock_updown" in parser:

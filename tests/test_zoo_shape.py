@@ -1,16 +1,17 @@
 """Every bundle under bundles/ in the model-zoo shape, checked the way MONAI checks it, with no per-bundle code.
 
-For each bundle and each of its configs, layered as users layer them (``multi_gpu_<x>.json`` on ``<x>.json``,
+For each bundle and each of its configs, layered as users layer them (`bundle_helpers.layered`: ``demo.json``'s
+``layers`` where a bundle trains one model per config on a shared base, else ``multi_gpu_<x>.json`` on ``<x>.json``,
 ``finetune*.json`` on ``train.json``, any other overlay such as ``evaluate.json`` on ``inference.json``), on the
-bundle's built-in demo data and its
-``demo.json`` settings:
+bundle's built-in demo data and its ``demo.json`` settings:
 
 - ``ConfigWorkflow(...).check_properties()`` returns ``[]``: ``workflow_type="train"`` for ``train*.json`` (and
   their multi-GPU overlays, checked in a one-process gloo group), ``"infer"`` for ``inference.json`` and overlays
   on it. The training configs also run for one epoch with a validation (``train#trainer#max_epochs``,
-  ``val_interval``: property ids, so no bundle's own keys), which the inference checks need (trained weights);
-- ``train.json`` has a validation (``validate#evaluator`` run by a ``ValidationHandler``) and builds the same
-  network as ``inference.json``;
+  ``val_interval``: property ids, so no bundle's own keys), in the order their models train, which the inference
+  checks need (trained weights);
+- every training config has a validation (``validate#evaluator`` run by a ``ValidationHandler``) that keeps the best
+  model, and the training of the network ``inference.json`` samples with builds that same network;
 - multi-GPU overlays gate every logging and saving handler to rank 0 with ``_disabled_``, and no handler that all
   ranks must run (validation, the resumable checkpoint);
 - metadata pins only packages that requirements.txt installs at that version and meddiff's code imports, and its
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_helpers import layered, main_training, training_configs
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from meddiff.demo import bundles_dir
@@ -47,20 +49,6 @@ RANK0_ONLY = {
 }
 # handlers every rank must run: validation's metric is reduced over all ranks; every rank resumes the checkpoint
 ALL_RANKS = {"ValidationHandler", "meddiff.handlers.TrainingCheckpoint"}
-
-
-def layered(bundle: Path, name: str) -> tuple[list[str], str]:
-    """(config files in the order users layer them, workflow type) of configs/<name>."""
-    if name.startswith("multi_gpu_"):
-        base = name.removeprefix("multi_gpu_")
-        return [base, name], layered(bundle, base)[1]
-    if name.startswith("train"):
-        return [name], "train"
-    if name.startswith("finetune"):  # a second training stage, started from train.json's weights
-        return ["train.json", name], "train"
-    if name == "inference.json":
-        return [name], "infer"
-    return ["inference.json", name], "infer"
 
 
 def workflows() -> list[tuple[Path, str]]:
@@ -95,10 +83,10 @@ class Bundles:
         if bundle.name not in self.done:
             data, root = self.data(bundle), self.tmp.mktemp(bundle.name)
             checks = {}
-            for path in sorted((bundle / "configs").glob("train*.json")):
-                workflow = make_workflow(bundle, [path.name], "train", root, data)
+            for name in training_configs(bundle):
+                workflow = make_workflow(bundle, layered(bundle, name)[0], "train", root, data)
                 workflow.initialize()
-                checks[path.name] = workflow.check_properties()
+                checks[name] = workflow.check_properties()
                 workflow.run()
                 workflow.finalize()
             self.done[bundle.name] = root, data, checks
@@ -143,7 +131,7 @@ def test_check_properties_is_empty(case: tuple[Path, str], bundles: Bundles, req
     bundle, name = case
     configs, kind = layered(bundle, name)
     root, data, checks = bundles.trained(bundle)
-    if configs == [name] and name in checks:  # a training config: checked (and run) by bundles.trained
+    if name in checks:  # a training config: checked (and run) by bundles.trained
         assert checks[name] == [], f"{bundle.name}/configs/{name}: {checks[name]}"
         return
     if name.startswith("multi_gpu_"):
@@ -158,16 +146,20 @@ def test_check_properties_is_empty(case: tuple[Path, str], bundles: Bundles, req
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_training_validates_and_keeps_the_best_model(bundle: Path, bundles: Bundles) -> None:
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
-    assert "validate#evaluator" in parser and "val_interval" in parser
-    targets = [h["_target_"] for h in parser["train#handlers"]]
-    assert "ValidationHandler" in targets
+    names = training_configs(bundle)
+    for name in names:
+        parser = ConfigParser()
+        parser.read_config([str(bundle / "configs" / c) for c in layered(bundle, name)[0]])
+        assert "validate#evaluator" in parser and "val_interval" in parser, name
+        targets = [h["_target_"] for h in parser["train#handlers"] if isinstance(h, dict)]
+        assert "ValidationHandler" in targets, name
     root, _, _ = bundles.trained(bundle)
-    best = sorted(root.glob("models/**/model_best.pt"))  # models/ or, per cluster, models/<model>/
-    assert len(best) == 1 and best[0].with_suffix(".json").is_file()
-    checkpoint = torch.load(best[0].with_name("checkpoint.pt"), weights_only=True)
-    assert checkpoint["best_epoch"] == 1 and checkpoint["best_metric"] > 0
+    best = sorted(root.glob("models/**/model_best.pt"))  # models/ or, per model or cluster, models/<model>/
+    assert len(best) == len(names)
+    for path in best:
+        assert path.with_suffix(".json").is_file()
+        checkpoint = torch.load(path.with_name("checkpoint.pt"), weights_only=True)
+        assert checkpoint["best_epoch"] == 1 and checkpoint["best_metric"] > 0, path
 
 
 def state_shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -178,12 +170,12 @@ def state_shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def test_train_and_inference_build_the_same_network(bundle: Path, bundles: Bundles) -> None:
     root, data, _ = bundles.trained(bundle)
     networks = {}
-    for name in ("train.json", "inference.json"):
+    for key, configs in (("train", main_training(bundle)), ("inference", ["inference.json"])):
         parser = ConfigParser()
-        parser.read_config([str(bundle / "configs" / name), str(bundle / "configs" / "demo.json")])
+        parser.read_config([str(bundle / "configs" / name) for name in [*configs, "demo.json"]])
         parser.update({"bundle_root": str(root), "dataset_dir": str(data)})
-        networks[name] = state_shapes(parser.get_parsed_content("network_def"))
-    assert networks["train.json"] == networks["inference.json"]
+        networks[key] = state_shapes(parser.get_parsed_content("network_def"))
+    assert networks["train"] == networks["inference"]
 
 
 def overlays() -> list[tuple[Path, str]]:
@@ -193,9 +185,10 @@ def overlays() -> list[tuple[Path, str]]:
 @pytest.mark.parametrize("case", overlays(), ids=ids)
 def test_multi_gpu_overlay_gates_handlers_to_rank0(case: tuple[Path, str]) -> None:
     bundle, name = case
-    base, overlay = (bundle / "configs" / n for n in layered(bundle, name)[0])
+    configs = [bundle / "configs" / n for n in layered(bundle, name)[0]]
+    overlay = configs[-1]
     merged = ConfigParser()
-    merged.read_config([str(base), str(overlay)])
+    merged.read_config([str(c) for c in configs])
     for key in json.loads(overlay.read_text()):
         if key.endswith("#_disabled_"):
             item = key.removesuffix("#_disabled_")

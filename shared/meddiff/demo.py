@@ -31,6 +31,7 @@ __all__ = [
 
 DEMO_BUNDLES = (
     "breast_mri_seg_guided_generation",
+    "histology_augmentation",
     "lidc_ambiguous_segmentation",
     "monuseg_nuclei_generation",
     "polyp_cluster_generation",

@@ -232,6 +232,20 @@ RULES: dict[str, Rule] = {
     "downstream_ratios": Rule("ints", low=1, hint="synthetic per real patch in each real+synthetic arm, e.g. [1, 2]"),
     "coreset_fraction": Rule("float", low=0.0, high=1.0, low_open=True, hint="the memory bank's share of patches"),
     "ood_filter": _BOOL,
+    # histology augmentation (NCT-CRC-HE)
+    "image_size": Rule("int", low=16, high=4096, hint="the side tiles are resized and cropped to; the seed's is 256"),
+    "label_fraction": Rule("float", low=0.0, high=1.0, low_open=True, hint="the labelled share of the training tiles"),
+    "label_fractions": Rule("floats", low=0.0, high=1.0, low_open=True, hint="e.g. [0.05, 0.1, 1.0]"),
+    "latent_channels": Rule("int", low=1, high=64),
+    "adversarial_weight": Rule("float", low=0.0, hint="the patch adversarial loss's weight; 0 for none"),
+    "adversarial_start": Rule("int", low=0, hint="iterations before the discriminator joins (CompVis disc_start)"),
+    "perceptual_weight": Rule("float", low=0.0, hint="needs --perceptual_weights, a local file; 0 for none"),
+    "classifier_noise": Rule("choice", choices=("noisy", "zero"), hint="noisy: random t; zero: the seed's t = 0"),
+    "classifier_scale": Rule("float", low=0.0, high=1000.0, hint="the seed's 10; 0 is unguided"),
+    "eta": Rule("float", low=0.0, high=1.0, hint="DDIM noise: 1 as the seed, 0 deterministic"),
+    "samples_per_class": _POSITIVE_INT,
+    "top_k": Rule("int", low=1, optional=True, hint="kept per class after filtering; leave it out to keep all"),
+    "filter_samples": _BOOL,
     # DICOM nodule path
     "crop_size": Rule("int", low=8, high=4096),
     "crop_spacing_mm": Rule(
