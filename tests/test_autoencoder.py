@@ -73,7 +73,7 @@ def test_perceptual_options_are_checked(tmp_path: Path) -> None:
     latents = _Latents(torch.zeros(1, 1), torch.ones(1, 1))
     with pytest.raises(OptionError, match="--perceptual_weight is 0.5 but no --perceptual_weights"):
         AutoencoderLoss(latents, perceptual_weight=0.5)  # type: ignore[arg-type]
-    with pytest.raises(DataError, match="missing.pt does not exist"):
+    with pytest.raises(DataError, match="--perceptual_weights .*missing.pt not found"):
         AutoencoderLoss(latents, perceptual_weight=0.5, perceptual_network=str(tmp_path / "missing.pt"))  # type: ignore[arg-type]
     (tmp_path / "junk.pt").write_text("not torchscript")
     with pytest.raises(DataError, match="torch.jit.load"):

@@ -58,8 +58,8 @@ from monai.engines import PrepareBatch
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 
-from meddiff.data.errors import DataError
 from meddiff.errors import OptionError
+from meddiff.features import load_torchscript
 from meddiff.latent import latent_scale_factor
 from meddiff.options import Rule, parse
 from meddiff.precision import autocast, check_precision
@@ -152,23 +152,6 @@ def perceptual_distance(network: Any, x: torch.Tensor, y: torch.Tensor) -> torch
     return total.mean()
 
 
-def _load_feature_network(path: str | Path) -> torch.jit.ScriptModule:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: pass --perceptual_weights a local TorchScript feature network file.")
-    try:
-        network = torch.jit.load(str(path), map_location="cpu")
-    except Exception as err:
-        raise DataError(
-            f"{path} cannot be read by torch.jit.load ({type(err).__name__}): pass a TorchScript feature network file "
-            "(torch.jit.save of a scripted or traced network)."
-        ) from err
-    network.eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
-    return network
-
-
 class AutoencoderLoss(torch.nn.Module):
     """``(reconstruction, target) -> L1 + kl_weight * KL + perceptual_weight * perceptual`` (module docstring).
 
@@ -198,7 +181,7 @@ class AutoencoderLoss(torch.nn.Module):
                 "TorchScript feature network file, or --perceptual_weight 0."
             )
         if isinstance(perceptual_network, (str, Path)):
-            perceptual_network = _load_feature_network(perceptual_network)
+            perceptual_network = load_torchscript(perceptual_network, "cpu", "--perceptual_weights")
         # a plain attribute, not a submodule: the feature network is not part of the loss's state dict
         self.__dict__["perceptual_network"] = perceptual_network if self.perceptual_weight > 0 else None
 

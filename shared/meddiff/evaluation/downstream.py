@@ -467,6 +467,92 @@ def _segmentation_items(pair: Any, name: str) -> list[Item]:
     return list(zip(images.float(), foreground.float()))
 
 
+def _check_comparison(
+    arms: Mapping[str, Any],
+    reference: str,
+    seeds: Sequence[int],
+    confidence: float,
+    output_file: str | None,
+    overwrite: bool,
+    arms_hint: str,
+    **training: Any,
+) -> tuple[list[int], float, dict[str, Any]]:
+    """A downstream comparison's shared options checked before any work: (seeds, confidence, training settings
+    parsed by their option names: epochs, batch_size, learning_rate, weight_decay, progress)."""
+    seeds = _SEEDS("seeds", seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise OptionError(f"--seeds must list distinct seeds such as [0, 1, 2], got {seeds!r}.")
+    names = {"epochs": "num_epochs"}
+    training = {key: parse(names.get(key, key), value) for key, value in training.items()}
+    if not arms:
+        raise UserError(f"no training arms given: pass arms={{'real': {arms_hint}.")
+    if reference not in arms:
+        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(arms)}: pass one of them.")
+    confidence = _confidence(confidence)
+    if output_file is not None:
+        check_new_output(output_file, parse("overwrite", overwrite))
+    return seeds, confidence, training
+
+
+def _train_sets(
+    arms: Mapping[str, Any], shape: tuple[int, ...], items_of: Callable[[Any, str], list[Item]]
+) -> dict[str, list[Item]]:
+    """Each arm's items, refused when its images are not of the test images' `shape`."""
+    train_sets = {}
+    for arm, pair in arms.items():
+        items = items_of(pair, f"arm {arm!r}")
+        if tuple(items[0][0].shape) != shape:
+            raise UserError(
+                f"arm {arm!r} images are {tuple(items[0][0].shape)} but the test images {shape}: bring every "
+                "image to one channel count and size."
+            )
+        train_sets[arm] = items
+    return train_sets
+
+
+def _run_arms(
+    train_sets: Mapping[str, Sequence[Item]],
+    test_items: Sequence[Item],
+    make_network: Callable[[], torch.nn.Module],
+    seeds: Sequence[int],
+    training: Mapping[str, Any],
+    on_trained: Callable[[str, int, torch.nn.Module], Any] | None = None,
+    **score: Any,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """`train_and_score` once per arm and seed: ``{arm: {seed: scores}}``; `score` holds its loss and metrics."""
+    runs = [(arm, seed) for arm in train_sets for seed in seeds]
+    scores: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in train_sets}
+    for arm, seed in tqdm(runs, desc="downstream runs", disable=not training["progress"]):
+        hook = None if on_trained is None else (lambda net, arm=arm, seed=seed: on_trained(arm, seed, net))
+        scores[arm][seed] = train_and_score(
+            train_sets[arm], test_items, make_network, seed, **training, **score, on_trained=hook
+        )
+    return scores
+
+
+def _run_settings(
+    training: Mapping[str, Any],
+    augment: bool,
+    seeds: Sequence[int],
+    train_sets: Mapping[str, Sequence[Item]],
+    test_items: Sequence[Item],
+    shape: tuple[int, ...],
+    device: str | torch.device,
+) -> dict[str, Any]:
+    """The settings every downstream comparison records: optimisation, augmentation, seeds and set sizes."""
+    return {
+        "optimizer": "Adam",
+        **{key: training[key] for key in ("learning_rate", "weight_decay", "epochs", "batch_size")},
+        "augment": "random horizontal and vertical flips" if augment else None,
+        "checkpoint": "last epoch",
+        "seeds": seeds,
+        "num_train": {arm: len(items) for arm, items in train_sets.items()},
+        "num_test": len(test_items),
+        "image_shape": list(shape),
+        "device": str(device),
+    }
+
+
 def segmentation_comparison(
     arms: Mapping[str, tuple[Any, Any]],
     test: tuple[Any, Any],
@@ -517,20 +603,12 @@ def segmentation_comparison(
     from monai.losses import DiceCELoss, DiceLoss
     from monai.networks.nets import BasicUNetPlusPlus
 
-    seeds = _SEEDS("seeds", seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise OptionError(f"--seeds must list distinct seeds such as [0, 1, 2], got {seeds!r}.")
     features, loss, augment = tuple(_FEATURES("features", features)), _LOSS("loss", loss), _BOOL("augment", augment)
-    epochs, batch_size = parse("num_epochs", epochs), parse("batch_size", batch_size)
-    learning_rate, weight_decay = parse("learning_rate", learning_rate), parse("weight_decay", weight_decay)
-    progress = parse("progress", progress)
-    if not arms:
-        raise UserError("no training arms given: pass arms={'real': (images, masks), ...}, e.g. from arm_datasets.")
-    if reference not in arms:
-        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(arms)}: pass one of them.")
-    confidence = _confidence(confidence)
-    if output_file is not None:
-        check_new_output(output_file, parse("overwrite", overwrite))
+    seeds, confidence, training = _check_comparison(
+        arms, reference, seeds, confidence, output_file, overwrite, "(images, masks), ...}, e.g. from arm_datasets",
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        progress=progress,
+    )  # fmt: skip
     test_items = _segmentation_items(test, "the test set")
     shape = tuple(test_items[0][0].shape)
     if min(shape[-2:]) < MIN_SEGMENTATION_SIZE:
@@ -538,39 +616,16 @@ def segmentation_comparison(
             f"the images are {shape[-2]}x{shape[-1]} but BasicUNetPlusPlus needs at least "
             f"{MIN_SEGMENTATION_SIZE}x{MIN_SEGMENTATION_SIZE}: pad or resize them."
         )
-    train_sets = {}
-    for arm, pair in arms.items():
-        items = _segmentation_items(pair, f"arm {arm!r}")
-        if tuple(items[0][0].shape) != shape:
-            raise UserError(
-                f"arm {arm!r} images are {tuple(items[0][0].shape)} but the test images {shape}: bring every "
-                "image to one channel count and size."
-            )
-        train_sets[arm] = items
+    train_sets = _train_sets(arms, shape, lambda pair, name: _segmentation_items(pair, name))
 
     def make_network() -> torch.nn.Module:
         return BasicUNetPlusPlus(spatial_dims=2, in_channels=shape[0], out_channels=1, features=features)
 
     criterion = DiceLoss(sigmoid=True) if loss == "dice" else DiceCELoss(sigmoid=True)
-    runs = [(arm, seed) for arm in train_sets for seed in seeds]
-    scores: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in train_sets}
-    for arm, seed in tqdm(runs, desc="downstream runs", disable=not progress):
-        scores[arm][seed] = train_and_score(
-            train_sets[arm],
-            test_items,
-            make_network,
-            seed,
-            loss=criterion,
-            metrics={"dice": dice, "iou": iou},
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            device=device,
-            postprocess=torch.sigmoid,
-            augment=random_flips if augment else None,
-            progress=progress,
-        )
+    scores = _run_arms(
+        train_sets, test_items, make_network, seeds, training, loss=criterion, metrics={"dice": dice, "iou": iou},
+        device=device, postprocess=torch.sigmoid, augment=random_flips if augment else None,
+    )  # fmt: skip
     result = compare_arms(scores, reference=reference, confidence=confidence)
     result["settings"] = {
         "task": "binary segmentation",
@@ -578,20 +633,9 @@ def segmentation_comparison(
         "paper_network": "smp UnetPlusPlus(encoder='se_resnext50_32x4d', encoder_weights='imagenet')",
         "features": list(features),
         "loss": SEGMENTATION_LOSSES[loss],
-        "optimizer": "Adam",
-        "learning_rate": learning_rate,
-        "weight_decay": weight_decay,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "augment": "random horizontal and vertical flips" if augment else None,
-        "checkpoint": "last epoch",
         "threshold": THRESHOLD,
         "empty_vs_empty": 1.0,
-        "seeds": seeds,
-        "num_train": {arm: len(items) for arm, items in train_sets.items()},
-        "num_test": len(test_items),
-        "image_shape": list(shape),
-        "device": str(device),
+        **_run_settings(training, augment, seeds, train_sets, test_items, shape, device),
     }
     if output_file is not None:
         save_json(result, output_file, overwrite=True)  # checked above, before the work
@@ -781,60 +825,28 @@ def classification_comparison(
         `compare_arms`'s result (per arm ``per_seed`` and ``mean`` of ``accuracy`` and ``macro_f1``;
         ``differences``) plus ``settings``.
     """
-    seeds = _SEEDS("seeds", seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise OptionError(f"--seeds must list distinct seeds such as [0, 1, 2], got {seeds!r}.")
     num_classes = parse("num_classes", num_classes)
     if num_classes is None:
         raise OptionError("--num_classes must be set: the number of classes the labels index.")
     network, augment = _NETWORK("network", network), _BOOL("augment", augment)
-    epochs, batch_size = parse("num_epochs", epochs), parse("batch_size", batch_size)
-    learning_rate, weight_decay = parse("learning_rate", learning_rate), parse("weight_decay", weight_decay)
-    progress = parse("progress", progress)
-    if not arms:
-        raise UserError("no training arms given: pass arms={'real': (images, labels), ...}.")
-    if reference not in arms:
-        raise OptionError(f"--reference {reference!r} is not one of the arms {sorted(arms)}: pass one of them.")
-    confidence = _confidence(confidence)
-    if output_file is not None:
-        check_new_output(output_file, parse("overwrite", overwrite))
+    seeds, confidence, training = _check_comparison(
+        arms, reference, seeds, confidence, output_file, overwrite, "(images, labels), ...}",
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        progress=progress,
+    )  # fmt: skip
     test_items = _classification_items(test, "the test set", num_classes)
     shape = tuple(test_items[0][0].shape)
-    train_sets = {}
-    for arm, pair in arms.items():
-        items = _classification_items(pair, f"arm {arm!r}", num_classes)
-        if tuple(items[0][0].shape) != shape:
-            raise UserError(
-                f"arm {arm!r} images are {tuple(items[0][0].shape)} but the test images {shape}: bring every "
-                "image to one channel count and size."
-            )
-        train_sets[arm] = items
+    train_sets = _train_sets(arms, shape, lambda pair, name: _classification_items(pair, name, num_classes))
     make_classifier(network, shape[0], num_classes, shape[1:])  # refuses a bad size before any training
 
     def make_network() -> torch.nn.Module:
         return make_classifier(network, shape[0], num_classes, shape[1:])
 
-    runs = [(arm, seed) for arm in train_sets for seed in seeds]
-    scores: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in train_sets}
-    for arm, seed in tqdm(runs, desc="downstream runs", disable=not progress):
-        hook = None if on_trained is None else (lambda net, arm=arm, seed=seed: on_trained(arm, seed, net))
-        scores[arm][seed] = train_and_score(
-            train_sets[arm],
-            test_items,
-            make_network,
-            seed,
-            loss=torch.nn.CrossEntropyLoss(),
-            metrics={"accuracy": accuracy},
-            dataset_metrics={"macro_f1": macro_f1},
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            device=device,
-            augment=random_flips if augment else None,
-            progress=progress,
-            on_trained=hook,
-        )
+    scores = _run_arms(
+        train_sets, test_items, make_network, seeds, training, loss=torch.nn.CrossEntropyLoss(),
+        metrics={"accuracy": accuracy}, dataset_metrics={"macro_f1": macro_f1}, device=device,
+        augment=random_flips if augment else None, on_trained=on_trained,
+    )  # fmt: skip
     result = compare_arms(scores, reference=reference, confidence=confidence)
     result["settings"] = {
         "task": "classification",
@@ -842,19 +854,8 @@ def classification_comparison(
         "paper_network": "ViT-S/16 from scratch, DeiT recipe (methods.md §5.6)",
         "num_classes": num_classes,
         "loss": "CrossEntropyLoss",
-        "optimizer": "Adam",
-        "learning_rate": learning_rate,
-        "weight_decay": weight_decay,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "augment": "random horizontal and vertical flips" if augment else None,
-        "checkpoint": "last epoch",
         "metrics": {"accuracy": "mean over test images", "macro_f1": "sklearn f1_score(average='macro')"},
-        "seeds": seeds,
-        "num_train": {arm: len(items) for arm, items in train_sets.items()},
-        "num_test": len(test_items),
-        "image_shape": list(shape),
-        "device": str(device),
+        **_run_settings(training, augment, seeds, train_sets, test_items, shape, device),
     }
     if output_file is not None:
         save_json(result, output_file, overwrite=True)  # checked above, before the work

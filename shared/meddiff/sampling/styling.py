@@ -65,7 +65,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from meddiff.errors import OptionError, UserError
+from meddiff.errors import OptionError
 from meddiff.sampling.loop import Denoiser, sample
 from meddiff.schedulers.ddpm import DDPMScheduler
 
@@ -287,20 +287,9 @@ def zecon_loss(
 
 def load_feature_network(path: str | os.PathLike, option: str, device: torch.device | str) -> torch.jit.ScriptModule:
     """A local TorchScript feature network in eval mode without parameter gradients; `option` names it in errors."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{option}: no file {path!r}; give a local TorchScript file, or leave {option} unset.")
-    try:
-        module = torch.jit.load(path, map_location=device)
-    except Exception as err:
-        raise UserError(
-            f"{option}: {path!r} is not a readable TorchScript file ({err.__class__.__name__}); "
-            "export it with torch.jit.script or torch.jit.trace and save it."
-        ) from err
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
+    from meddiff.features import load_torchscript
+
+    return load_torchscript(path, device, f"--{option}")
 
 
 def _imagenet(rgb: torch.Tensor, size: int | None = None) -> torch.Tensor:
