@@ -240,3 +240,16 @@ def test_demo_plan_trains_each_model_on_its_base_then_generates_filters_and_eval
     assert steps[4]["settings"] == {"classifier_scale": 0}  # the unguided set the guidance check compares with
     demo = json.loads((CONFIGS / "demo.json").read_text())
     assert demo["metrics_file"].endswith("'/metrics.json'")
+
+
+def test_pretraining_reads_any_folder_of_unlabelled_tiles(trained, tmp_path) -> None:
+    _, data = trained
+    unlabelled = tmp_path / "unlabelled" / "slide_a" / "deep"
+    unlabelled.mkdir(parents=True)
+    tiles = sorted((data / "NCT-CRC-HE-100K").glob("*/*.tif"))[:5]
+    for i, tile in enumerate(tiles):
+        shutil.copy(tile, unlabelled / f"tile_{i}.tif")
+    root = tmp_path / "root"
+    run("training", AE, root, data, pretrain_dir=str(tmp_path / "unlabelled"), val_fraction=0.2)
+    checkpoint = torch.load(root / "models" / "autoencoder" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == 1  # 4 of the 5 unlabelled tiles (1 held out) in one batch of 8, one epoch

@@ -235,3 +235,30 @@ def _tile(path: str) -> np.ndarray:
     from meddiff.data.histology import read_tile
 
     return read_tile(path, 32)
+
+
+def _guidance(guided: float, n_guided: int, unguided: float | None, n_unguided: int, accuracy: float, k: int) -> dict:
+    ung = None if unguided is None else {"overall": unguided, "num_images": n_unguided}
+    return {
+        "guidance": {
+            "chance": 1 / k,
+            "classifier": {"test_accuracy": accuracy},
+            "guided": {"overall": guided, "num_images": n_guided},
+            "unguided": ung,
+        }
+    }
+
+
+def test_verdict_needs_the_guided_rate_two_standard_errors_above_its_baseline() -> None:
+    from meddiff.evaluation.histology import histology_verdict
+
+    # 0.25 vs 0.125 of 32 each: SE = sqrt(.25 * .75 / 32 + .125 * .875 / 32) = 0.0968, 2 SE = 0.194 > 0.125
+    text = histology_verdict(_guidance(0.25, 32, 0.125, 32, 1.0, 8))
+    assert text.startswith("not shown yet") and "(0.10)" in text
+    # 0.75 vs 0.125 of 16 each: SE = 0.135, the difference 0.625 > 2 SE
+    assert histology_verdict(_guidance(0.75, 16, 0.125, 16, 1.0, 4)).startswith("guidance works")
+    # against chance 0.25 with 40 guided: SE = sqrt(.5 * .5 / 40) = 0.079, 0.25 > 0.158
+    assert histology_verdict(_guidance(0.5, 40, None, 0, 1.0, 4)).startswith("guidance works")
+    assert histology_verdict(_guidance(0.4, 10, None, 0, 1.0, 4)).startswith("not shown yet")  # 0.15 < 2 x 0.155
+    assert histology_verdict(_guidance(0.1, 16, 0.2, 16, 1.0, 4)).startswith("undertrained")
+    assert histology_verdict(_guidance(0.9, 16, 0.1, 16, 0.25, 4)).startswith("no verdict")

@@ -325,7 +325,9 @@ def histology_verdict(metrics: dict) -> str:
     """A plain sentence: are the guided tiles recognised as their intended class more often than without guidance?
 
     The baseline is the unguided tiles' rate when there are some, else chance (1 / K). No verdict when the check's
-    own classifier is no better than chance on the real test tiles.
+    own classifier is no better than chance on the real test tiles; "not shown yet" when the guided rate exceeds the
+    baseline by less than twice the binomial standard error of the difference,
+    sqrt(p_g (1 - p_g) / n_g + p_u (1 - p_u) / n_u) (the unguided term is 0 against chance).
     """
     guidance = metrics["guidance"]
     chance, accuracy = guidance["chance"], guidance["classifier"]["test_accuracy"]
@@ -334,13 +336,21 @@ def histology_verdict(metrics: dict) -> str:
             f"no verdict: the guidance check's classifier is at chance on the real test tiles (accuracy "
             f"{accuracy:.2f}, chance {chance:.2f}); raise --downstream_epochs or use more labelled tiles."
         )
-    rate = guidance["guided"]["overall"]
+    rate, n = guidance["guided"]["overall"], guidance["guided"]["num_images"]
     unguided = guidance["unguided"]
     base, what = (unguided["overall"], "the unguided tiles") if unguided else (chance, "chance")
     problems = []
     if rate <= base:
         problems.append(
             f"the guided tiles are their intended class no more often ({rate:.2f}) than {what} ({base:.2f})"
+        )
+    # binomial standard error of the difference (of the guided rate alone against chance)
+    spread = rate * (1 - rate) / n + (base * (1 - base) / unguided["num_images"] if unguided else 0.0)
+    if not problems and rate - base < 2 * math.sqrt(spread):
+        return (
+            f"not shown yet: {rate:.0%} of the {n} guided tiles are recognised as their intended class against "
+            f"{base:.0%} for {what}, a difference within twice its standard error ({math.sqrt(spread):.2f}); "
+            "generate more tiles (--samples_per_class) or train longer."
         )
     return verdict(
         problems,
