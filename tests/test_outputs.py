@@ -523,3 +523,22 @@ def test_demo_replaces_old_results_only_when_finished(tmp_path: Path, monkeypatc
     assert demo.run_demo(BUNDLE, tmp_path / "out", dataset_dir=str(data), overwrite="true") == {"fid": 2.0}
     assert sorted(snapshot(out)) == ["evaluate.txt", "metrics.json", "run.txt", "training.txt"]
     assert sorted(p.name for p in out.parent.iterdir()) == [BUNDLE]
+
+
+def test_demo_makes_its_builtin_data_with_demo_data_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_bundle_runs(monkeypatch)
+    fake_bundles = tmp_path / "bundles"
+    (fake_bundles / BUNDLE / "configs").mkdir(parents=True)
+    (fake_bundles / BUNDLE / "configs" / "demo.json").write_text(
+        json.dumps(
+            {
+                "demo_data": "meddiff.data.lidc.make_synthetic_lidc",
+                "demo_data_args": {"num_train": 2, "num_test": 3, "size": 16},
+            }
+        )
+    )
+    monkeypatch.setattr(demo, "bundles_dir", lambda: fake_bundles)
+    assert demo.run_demo(BUNDLE, tmp_path / "out") == {"fid": 2.0}
+    data = tmp_path / "out" / BUNDLE / "demo_data"
+    assert sorted(p.name for p in (data / "testing").iterdir()) == ["2", "3", "4"]  # cases after the 2 training ones
+    assert json.loads((data / "synthetic_lidc.json").read_text())["num_test"] == 3

@@ -184,9 +184,10 @@ def run_demo(
     staging = make_staging_dir(out.parent, bundle)
     try:
         if dataset_dir is None:
-            module, name = json.loads(demo_file.read_text())["demo_data"].rsplit(".", 1)
+            demo = json.loads(demo_file.read_text())
+            module, name = demo["demo_data"].rsplit(".", 1)
             maker = getattr(importlib.import_module(module), name)
-            dataset_dir = str(maker(str(staging / "demo_data")))
+            dataset_dir = str(maker(str(staging / "demo_data"), **demo.get("demo_data_args", {})))
         settings = {
             "bundle_root": str(staging),
             "dataset_dir": str(dataset_dir),
