@@ -242,6 +242,15 @@ def test_demo_plan_trains_each_model_on_its_base_then_generates_filters_and_eval
     assert steps[4]["settings"] == {"classifier_scale": 0}  # the unguided set the guidance check compares with
     demo = json.loads((CONFIGS / "demo.json").read_text())
     assert demo["metrics_file"].endswith("'/metrics.json'")
+    data = Path(make_synthetic_histology(str(tmp_path / "data"), classes=CLASSES, per_class=4, size=32))
+    settings = {k: v for k, v in TINY.items() if k != "label_fractions"}
+    metrics = run_demo(BUNDLE.name, tmp_path / "out", dataset_dir=str(data), **settings)
+    out = tmp_path / "out" / BUNDLE.name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert all((out / "models" / m / "model.pt").is_file() for m in ("autoencoder", "diffusion", "classifier"))
+    assert (out / "eval" / "generated" / "filter_scores.json").is_file() and metrics["num_unguided"] == 6
+    assert set(metrics["downstream"]) == {"0.25", "1"}  # demo.json's label fractions
+    assert capsys.readouterr().out.strip().splitlines()[-1] == metrics["verdict"]
 
 
 def test_pretraining_reads_any_folder_of_unlabelled_tiles(trained, tmp_path) -> None:
@@ -255,12 +264,3 @@ def test_pretraining_reads_any_folder_of_unlabelled_tiles(trained, tmp_path) -> 
     run("training", AE, root, data, pretrain_dir=str(tmp_path / "unlabelled"), val_fraction=0.2)
     checkpoint = torch.load(root / "models" / "autoencoder" / "checkpoint.pt", weights_only=True)
     assert checkpoint["iteration"] == 1  # 4 of the 5 unlabelled tiles (1 held out) in one batch of 8, one epoch
-    data = Path(make_synthetic_histology(str(tmp_path / "data"), classes=CLASSES, per_class=4, size=32))
-    settings = {k: v for k, v in TINY.items() if k != "label_fractions"}
-    metrics = run_demo(BUNDLE, tmp_path / "out", dataset_dir=str(data), **settings)
-    out = tmp_path / "out" / BUNDLE
-    assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert all((out / "models" / m / "model.pt").is_file() for m in ("autoencoder", "diffusion", "classifier"))
-    assert (out / "eval" / "generated" / "filter_scores.json").is_file() and metrics["num_unguided"] == 6
-    assert set(metrics["downstream"]) == {"0.25", "1"}  # demo.json's label fractions
-    assert capsys.readouterr().out.strip().splitlines()[-1] == metrics["verdict"]
