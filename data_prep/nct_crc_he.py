@@ -14,9 +14,9 @@ Output:
 
 Method (see `meddiff.data.histology`): classes are the sorted class folder names (or --classes); one set is split per
 class (--test_fraction, --split_seed; each class keeps a training tile); --label_fraction keeps that share of each
-class's training tiles (--label_seed), the paper's 5 % / 10 % labelled settings. Tile headers are checked (readable,
-8-bit RGB, one size) before anything is written; --verify decodes every tile as well. Existing outputs are kept unless
---overwrite; the output folder may not be inside the dataset folder.
+class's training tiles (--label_seed), the paper's 5 % / 10 % labelled settings. Every tile is decoded and checked
+(readable to its end, 8-bit RGB, one size) before anything is written. Existing outputs are kept unless --overwrite;
+the output folder may not be inside the dataset folder.
 
 Usage:
     python data_prep/nct_crc_he.py --dataset_dir NCT-CRC-HE/ --output_dir data/nct_crc_he
@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label_fraction", default="1.0", help="share of each class's training tiles kept")
     parser.add_argument("--label_seed", default="0", help="seed of that choice")
     parser.add_argument(
-        "--verify", nargs="?", const="true", default="false", help="decode every tile in full (--verify [true])"
-    )
-    parser.add_argument(
         "--overwrite", nargs="?", const="true", default="false", help="replace existing outputs (--overwrite [true])"
     )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
@@ -67,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         split_seed=args.split_seed,
         label_fraction=args.label_fraction,
         label_seed=args.label_seed,
-        verify=args.verify,
         overwrite=parse("overwrite", args.overwrite),
         progress=not args.no_progress,
     )

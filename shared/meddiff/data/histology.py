@@ -33,8 +33,8 @@ same way as one group. `label_fraction` keeps, per class, ``max(1, round(label_f
 
 Checks (before any work, one line each naming the file and the fix): a missing ``dataset_dir``, an empty class folder,
 a folder without tiles, an unreadable tile, a tile whose PIL mode is not 8-bit ``RGB`` (grey ``L``, ``RGBA``, ``P``,
-16-bit ``I;16``...), tiles of different sizes. Only the headers are read then (``Image.open``: size and mode); a tile
-truncated past its header is refused when it is read (`read_tile`, `LoadHistologyTiled`), naming the file.
+16-bit ``I;16``...), tiles of different sizes. Every tile is decoded in full then (`read_image`, on a thread per
+CPU), so a file truncated past its header is refused before training rather than in the middle of an epoch.
 
 Values (`read_tile`): RGB, the shorter side resized to `image_size` (bilinear with antialiasing,
 ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)`` on the 0..255 values; no
@@ -53,6 +53,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from meddiff.data.errors import DataError
-from meddiff.data.readers import check_file, files_by_stem, folder_entries, listing, read_image, unreadable
+from meddiff.data.readers import files_by_stem, folder_entries, listing, read_image
 from meddiff.data.readers import stem as file_stem
 from meddiff.errors import OptionError
 from meddiff.io import OutputExistsError, StagedOutput, atomic_write, save_json
@@ -89,7 +90,6 @@ NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 TILE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 ZENODO_TRAINING = ("NCT-CRC-HE-100K", "NCT-CRC-HE-100K-NONORM")
 ZENODO_TESTING = "CRC-VAL-HE-7K"
-_HEADER_ERRORS = (OSError, EOFError, ValueError, SyntaxError, RuntimeError)
 _EXPECTED = (
     "class folders <dir>/<CLASS>/*.tif, the Zenodo NCT-CRC-HE-100K/ and/or CRC-VAL-HE-7K/ folders, or flat "
     "<dir>/<CLASS>-<name>.tif files"
@@ -318,18 +318,10 @@ def _all_tiles(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- headers
 
 
-def _header(path: Path) -> tuple[tuple[int, int], str]:
-    """A tile's ((width, height), PIL mode) from its header."""
-    from PIL import Image
-
-    check_file(path)
-    try:
-        with Image.open(path) as im:
-            return (int(im.size[0]), int(im.size[1])), str(im.mode)
-    except Image.DecompressionBombError as err:
-        raise unreadable(path, f"too many pixels: {err}") from err
-    except _HEADER_ERRORS as err:
-        raise unreadable(path, err) from err
+def _decoded_size_and_mode(path: Path) -> tuple[tuple[int, int], str]:
+    """A tile's ((width, height), PIL mode), decoding it in full (`read_image` refuses a truncated file)."""
+    im = read_image(path)
+    return (int(im.size[0]), int(im.size[1])), str(im.mode)
 
 
 def _not_rgb(path: Path | str, mode: str) -> DataError:
@@ -339,14 +331,23 @@ def _not_rgb(path: Path | str, mode: str) -> DataError:
     )
 
 
-def _check_headers(paths: Sequence[Path], progress: bool = False) -> tuple[int, int]:
-    """Refuse unreadable, non-RGB and mixed-size tiles; return the tiles' (height, width)."""
+def _check_tiles(paths: Sequence[Path], progress: bool = False) -> tuple[int, int]:
+    """Refuse unreadable (truncated included), non-RGB and mixed-size tiles; return the tiles' (height, width).
+
+    The first bad tile in `paths`' order is the one named, whatever order the threads decode in.
+    """
     sizes: dict[tuple[int, int], Path] = {}
-    for path in tqdm(paths, desc="checking tile headers", disable=not progress):
-        size, mode = _header(path)
-        if mode != "RGB":
-            raise _not_rgb(path, mode)
-        sizes.setdefault(size, path)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    try:
+        decoded = pool.map(_decoded_size_and_mode, paths)
+        for path, (size, mode) in tqdm(
+            zip(paths, decoded), total=len(paths), desc="checking tiles", disable=not progress
+        ):
+            if mode != "RGB":
+                raise _not_rgb(path, mode)
+            sizes.setdefault(size, path)
+    finally:
+        pool.shutdown(cancel_futures=True)  # a bad tile stops the check without decoding the rest
     if len(sizes) > 1:
         shown = [f"{path} is {w}x{h}" for (w, h), path in list(sizes.items())[:3]]
         raise DataError(
@@ -443,7 +444,7 @@ def _labelled(
             logger.warning("%s has no testing tiles of %s", sets["testing"].folder, listing(missing))
     all_paths = [tile for pairs in found.values() for tile, _ in pairs]
     files_by_stem(all_paths, "tile")
-    height, width = _check_headers(all_paths, progress)
+    height, width = _check_tiles(all_paths, progress)
 
     def items(pairs: list[tuple[Path, str]]) -> list[dict]:
         return [
@@ -472,7 +473,7 @@ def _unlabelled(root: Path, test_fraction: float, split_seed: int, progress: boo
     tiles = _all_tiles(root)
     if not tiles:
         raise DataError(f"{root} holds no tiles ({', '.join(TILE_SUFFIXES)}) at any depth: add the tiles.")
-    height, width = _check_headers(tiles, progress)
+    height, width = _check_tiles(tiles, progress)
     items = []
     for tile in tiles:
         relative = tile.relative_to(root)
@@ -614,7 +615,6 @@ def prepare_nct_crc_he(
     split_seed: int = 0,
     label_fraction: float = 1.0,
     label_seed: int = 0,
-    verify: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -634,11 +634,10 @@ def prepare_nct_crc_he(
         split_seed: the seed of that split.
         label_fraction: the share of each class's training tiles kept.
         label_seed: the seed of that choice.
-        verify: decode every tile in full (slow on 100K tiles; catches files truncated past their header).
         overwrite: replace existing outputs.
         progress: show progress bars.
     """
-    verify, overwrite = _BOOL("verify", verify), _BOOL("overwrite", overwrite)
+    overwrite = _BOOL("overwrite", overwrite)
     progress = _BOOL("progress", progress)
     root = _check_dataset_dir(dataset_dir)
     out = Path(os.path.abspath(output_dir))
@@ -647,11 +646,6 @@ def prepare_nct_crc_he(
     datalist, info = _histology(
         root, classes, labelled, test_fraction, split_seed, label_fraction, label_seed, progress=progress
     )
-    if verify:
-        for item in tqdm(datalist["training"] + datalist["testing"], desc="decoding tiles", disable=not progress):
-            im = read_image(item["image"])
-            if im.mode != "RGB":
-                raise _not_rgb(item["image"], im.mode)
     counts: dict[str, dict[str, int]] = {}
     for split in ("training", "testing"):
         per_class: dict[str, int] = {}
@@ -672,7 +666,6 @@ def prepare_nct_crc_he(
             "split_seed": parse("split_seed", split_seed),
             "label_fraction": _LABEL_FRACTION("label_fraction", label_fraction),
             "label_seed": _LABEL_SEED("label_seed", label_seed),
-            "verified": verify,
         },
     }
     with staged as stage:
