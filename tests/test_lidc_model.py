@@ -127,6 +127,25 @@ def test_cvae_variant_injects_the_latent_and_reports_collapse():
     assert "gap" not in tiny_network().diagnostics(x, t, image, mask, torch.randn_like(x), torch.tensor([0.99, 0.5]))
 
 
+def test_diagnostics_report_every_interval_and_after_the_last_iteration_once(caplog):
+    from ignite.engine import Engine
+
+    from meddiff.cimd import CIMDDiagnostics
+
+    net = tiny_network()
+    batch = {"image": torch.randn(2, 1, 16, 16), "label": torch.where(torch.rand(2, 1, 16, 16) > 0.7, 1.0, -1.0)}
+    seen = []
+    for epochs in (2, 3):  # 4 iterations (the last a multiple of the interval) and 6 (not one)
+        engine = Engine(lambda engine, b: None)
+        engine.network = net
+        CIMDDiagnostics(DDPMScheduler(num_train_timesteps=10), interval=4).attach(engine)
+        with caplog.at_level("INFO", logger="meddiff.cimd"):
+            caplog.clear()
+            engine.run([batch, batch], max_epochs=epochs)
+        seen.append([r.getMessage().split(":")[0] for r in caplog.records if r.name == "meddiff.cimd"])
+    assert seen == [["iteration 4"], ["iteration 4", "iteration 6"]]
+
+
 def test_ensemble_default_is_stochastic():
     """Two members started from the same x_T differ under the bundle's default sampler (and not under DDIM)."""
     from meddiff.sampling import sample

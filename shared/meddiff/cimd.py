@@ -95,6 +95,7 @@ class CIMDDiagnostics:
 
     def __init__(self, scheduler: Any, interval: int = 100, seed: int = 0) -> None:
         self.scheduler, self.interval, self.seed = scheduler, max(1, int(interval)), seed
+        self._reported = -1
 
     def attach(self, engine: Engine) -> None:
         """Report every `interval` iterations and after the last one."""
@@ -102,6 +103,9 @@ class CIMDDiagnostics:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration == self._reported:  # the last iteration was a multiple of `interval`
+            return
+        self._reported = engine.state.iteration
         network = getattr(engine.network, "module", engine.network)
         batch, device = engine.state.batch, next(network.parameters()).device
         image, mask = batch["image"].to(device).float(), batch["label"].to(device).float()
