@@ -113,10 +113,16 @@ def test_generation_writes_pairs_with_records_and_reproduces(trained, tmp_path) 
     assert "already" in str(find_user_error(err.value))
 
 
-def test_inpainting_keeps_the_target_outside_its_dilated_polyp(trained, tmp_path) -> None:
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_inpainting_keeps_the_target_outside_its_dilated_polyp(trained, tmp_path, sampler) -> None:
     root, data = trained
     out = tmp_path / "inpainted"
-    settings = {**TINY, "style": False, "use_colormatch": False, "mask_opening": 0}
+    settings = {**TINY, "style": False, "use_colormatch": False, "mask_opening": 0, "sampler": sampler}
+    if sampler != "ddpm":  # RePaint's resampling is the ancestral sampler's; DDIM inpaints without it
+        with pytest.raises(Exception) as err:
+            run("run", ["inference.json"], root, data, cluster_index=1, output_dir=str(out), **settings)
+        assert "use --sampler ddpm, or --jump_n_sample 1" in str(find_user_error(err.value)) and not out.exists()
+        settings["jump_n_sample"] = 1
     run("run", ["inference.json"], root, data, cluster_index=1, output_dir=str(out), **settings)
     from meddiff.morphology import dilate
 

@@ -15,6 +15,7 @@ from monai.networks.nets import AutoencoderKL, SPADEDiffusionModelUNet
 
 from meddiff.conditioning import Conditioning, concat_inputs
 from meddiff.engines import CIMDPrepareBatch, ConditionDropoutPrepareBatch, ConditionedPrepareBatch
+from meddiff.errors import OptionError
 from meddiff.inferers import (
     ConditionedSamplingInferer,
     DiffusionTrainingInferer,
@@ -281,6 +282,28 @@ def test_inpainting_inferer_keeps_known_pixels_with_a_real_network(tiny_unet_fac
         torch.cat([image, torch.zeros_like(known)], 1), net
     )
     assert partial.shape == image.shape
+
+
+def test_inpainting_with_a_learned_range_model_runs_on_every_sampler_and_refuses_jumps_off_ddpm() -> None:
+    from conftest import tiny_diffusion_unet
+
+    net = tiny_diffusion_unet(in_channels=1, out_channels=2)  # eps and the learned variance's interpolation
+    image = torch.rand(1, 1, 16, 16) * 2 - 1
+    known = torch.zeros(1, 1, 16, 16)
+    known[..., :8] = 1
+    seed_args = {"variance_type": "learned_range", "jump_length": 10, "jump_n_sample": 5}  # the polyp bundle's
+    for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde"):
+        with pytest.raises(OptionError, match=r"jump_n_sample 5\) runs on the ancestral sampler.*--jump_n_sample 1"):
+            InpaintingSamplingInferer(sampler=sampler, num_inference_steps=4, scheduler_args=seed_args)
+        inferer = InpaintingSamplingInferer(
+            sampler=sampler, num_inference_steps=4, seed=1, scheduler_args={**seed_args, "jump_n_sample": 1}
+        )
+        scheduler = inferer.make_scheduler()
+        assert type(scheduler) is type(make_scheduler(sampler, 4)) and len(scheduler.timesteps) == 4
+        out = inferer(image, net, known=known)
+        assert torch.equal(out[..., :8], image[..., :8]) and out.shape == image.shape
+    repaint = InpaintingSamplingInferer(sampler="ddpm", num_inference_steps=4, scheduler_args=seed_args)
+    assert repaint.make_scheduler().variance_type == "learned_range"
 
 
 def test_latent_inferer_decodes_and_guides_without_touching_weights() -> None:

@@ -151,13 +151,20 @@ class SamplingInferer(Inferer):
 
     def make_scheduler(self) -> GridScheduler:
         """A fresh scheduler with its timesteps set (schedulers keep per-run state)."""
+        return self._scheduler(self.sampler, self.scheduler_args)
+
+    def _scheduler(self, sampler: str, scheduler_args: dict) -> GridScheduler:
+        """`make_scheduler` for `sampler`; ``variance_type`` goes to the DDPM family only: the others ignore a learned
+        variance (the second half of a 2C-channel output, `meddiff.schedulers.base`), so such a model samples with
+        any of them."""
+        args = {k: v for k, v in scheduler_args.items() if k != "variance_type" or sampler in ("ddpm", "repaint")}
         return make_scheduler(
-            self.sampler,
+            sampler,
             self.num_inference_steps,
             num_train_timesteps=self.num_train_timesteps,
             schedule=self.schedule,
             clip_sample=self.clip_sample,
-            **self.scheduler_args,
+            **args,
         )
 
     def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -259,18 +266,19 @@ class InpaintingSamplingInferer(SamplingInferer):
     def __init__(self, skip_steps: int = 0, conditioning: str = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.skip_steps, self.conditioning = parse("skip_steps", skip_steps), _conditioning(conditioning)
+        jumps = int(self.scheduler_args.get("jump_n_sample", 1))
+        if self.sampler != "ddpm" and jumps > 1:
+            raise OptionError(
+                f"RePaint's resampling (jump_n_sample {jumps}) runs on the ancestral sampler, not {self.sampler!r}: "
+                f"use --sampler ddpm, or --jump_n_sample 1 to inpaint with {self.sampler} without resampling."
+            )
 
     def make_scheduler(self) -> GridScheduler:
-        if {"jump_length", "jump_n_sample"} & set(self.scheduler_args) and self.sampler == "ddpm":
-            return make_scheduler(
-                "repaint",
-                self.num_inference_steps,
-                self.num_train_timesteps,
-                self.schedule,
-                self.clip_sample,
-                **self.scheduler_args,
-            )
-        return super().make_scheduler()
+        jumps = ("jump_length", "jump_n_sample")
+        if self.sampler == "ddpm" and set(jumps) & set(self.scheduler_args):
+            return self._scheduler("repaint", self.scheduler_args)
+        # other samplers: jump_n_sample is 1 (checked at construction), so no resampling and the jumps mean nothing
+        return self._scheduler(self.sampler, {k: v for k, v in self.scheduler_args.items() if k not in jumps})
 
     def run(self, inputs, network, scheduler, generator, **kwargs):  # noqa: D102
         known = kwargs.get("known")
