@@ -271,6 +271,31 @@ def test_bad_folders_are_refused_with_the_file_and_the_fix(tmp_path):
         histology_datalist(empty, labelled=False)
 
 
+def test_a_folder_above_the_tiles_is_refused_with_where_the_tiles_lie(tmp_path):
+    # the team sample's root: Datafiles/CRC100K/test.csv beside data/CRC-VAL-HE-7K-png/<CLASS>-<name>.png
+    root = tmp_path / "nct_crc_he"
+    (root / "Datafiles" / "CRC100K").mkdir(parents=True)
+    (root / "Datafiles" / "CRC100K" / "test.csv").write_text("x")
+    flat = root / "data" / "CRC-VAL-HE-7K-png"
+    flat.mkdir(parents=True)
+    for name in ("ADI-1.png", "DEB-1.png"):
+        _tile(flat / name)
+    with pytest.raises(DataError) as err:
+        histology_datalist(root)
+    assert str(err.value).endswith(
+        f"'Datafiles' is no NCT-CRC-HE class and tiles lie in {flat}: if those are your data, pass that folder as "
+        "dataset_dir."
+    )
+    assert histology_datalist(flat)["classes"] == ["ADI", "DEB"]
+    # a real class folder with tiles one level down keeps the plain fix: the hint is for folders that are no class
+    nested = _class_folders(tmp_path / "nested", {"ADI": 2})
+    (nested / "LYM" / "patient1").mkdir(parents=True)
+    _tile(nested / "LYM" / "patient1" / "a.png")
+    with pytest.raises(DataError) as err:
+        histology_datalist(nested)
+    assert str(err.value).endswith("add its tiles directly in it, or remove the folder.")
+
+
 def test_bad_tiles_are_refused_with_the_file_and_the_fix(tmp_path):
     root = _class_folders(tmp_path / "data", {"ADI": 2, "DEB": 2})
     grey = _tile(root / "DEB" / "DEB-grey.png", mode="L")

@@ -257,6 +257,22 @@ def _find_sets(root: Path, classes: Sequence[str] | None) -> tuple[str, dict[str
     raise AssertionError("unreachable")
 
 
+def _elsewhere_hint(root: Path, name: str, allowed: Sequence[str] | None, depth: int = 3) -> str:
+    """For a tile-less folder whose name is no class: where under `root` tiles lie, as a sentence ("" if nowhere)."""
+    if name in (allowed if allowed is not None else NCT_CLASSES):
+        return ""
+    level = [root]
+    for _ in range(depth):
+        level = [sub for folder in level for sub in _entries(folder)[0]]
+        for folder in level:
+            if _entries(folder)[1] and folder.parent != root:
+                return (
+                    f" '{name}' is no NCT-CRC-HE class and tiles lie in {folder}: if those are your data, pass that "
+                    "folder as dataset_dir."
+                )
+    return ""
+
+
 def _tiles_of(found: _Set, classes: Sequence[str] | None) -> list[tuple[Path, str]]:
     """(tile, class name) of every tile of a labelled set, refusing unknown classes and empty folders."""
     allowed = list(classes) if classes is not None else None
@@ -275,7 +291,7 @@ def _tiles_of(found: _Set, classes: Sequence[str] | None) -> list[tuple[Path, st
                     raise DataError(f"class folder {folder} is empty: add its tiles, or remove the folder.")
                 raise DataError(
                     f"class folder {folder} holds no tiles ({', '.join(TILE_SUFFIXES)}): add its tiles directly in it, "
-                    "or remove the folder."
+                    f"or remove the folder.{_elsewhere_hint(found.folder, name, allowed)}"
                 )
             pairs += [(tile, name) for tile in tiles]
         return pairs
