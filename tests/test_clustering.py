@@ -320,6 +320,26 @@ def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, np.repeat([0, 1, NOISE], [24, 24, 6])
 
 
+class FirstColumns:
+    """Stands in for ``umap.UMAP`` where a test needs HDBSCAN's noise for certain: the embedding is the scaled
+    features' first columns, where `_blobs`' far group joins the blobs last and so falls out as noise. Through real
+    UMAP that is a coin toss: its global layout, which changes with the CPU's floating point, decides whether the far
+    group meets a blob before the two blobs meet (then HDBSCAN makes it that blob's members) or after (noise)."""
+
+    def __init__(self, n_components: int, **_) -> None:
+        self.n_components = n_components
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)[:, : self.n_components]
+
+
+@pytest.fixture
+def umap_first_columns(monkeypatch):
+    import umap
+
+    monkeypatch.setattr(umap, "UMAP", FirstColumns)
+
+
 class RowFeatures:
     """A fake feature network: the first row of the red channel, (n, SIZE); the item reader writes features there."""
 
@@ -393,10 +413,12 @@ def test_umap_hdbscan_finds_two_blobs_is_repeatable_and_is_the_pipeline():
     from sklearn.cluster import HDBSCAN
     from sklearn.preprocessing import StandardScaler
 
-    x, truth = _blobs()
+    x, _ = _blobs()
     labels, embedding = umap_hdbscan(x, n_neighbors=10, min_samples=4, min_cluster_size=8, seed=42)
     assert labels.dtype == np.int64 and embedding.shape == (54, 3) and embedding.dtype == np.float32
-    np.testing.assert_array_equal(labels, truth)  # both blobs found, the small far group is noise
+    # both blobs found; the far group stays together, as noise or in a blob (a CPU-dependent layout: FirstColumns)
+    assert len({*labels[:24]}) == len({*labels[24:48]}) == len({*labels[48:]}) == 1
+    assert labels[0] == 0 and labels[24] == 1 and labels[48] in (NOISE, 0, 1)
     again, embedding_again = umap_hdbscan(x, n_neighbors=10, min_samples=4, min_cluster_size=8, seed=42)
     np.testing.assert_array_equal(again, labels)
     np.testing.assert_array_equal(embedding_again, embedding)
@@ -427,7 +449,9 @@ def test_umap_hdbscan_refuses_bad_options():
 
 
 @slow_umap
-def test_patches_clustered_on_image_features_with_noise_written_and_read_back(tmp_path, monkeypatch):
+def test_patches_clustered_on_image_features_with_noise_written_and_read_back(
+    tmp_path, monkeypatch, umap_first_columns
+):
     from PIL import Image
 
     import meddiff.visualize
@@ -507,6 +531,9 @@ def test_umap_hdbscan_refuses_all_noise_and_shows_unlabelled_patches(tmp_path, m
         cluster_pairs(items, method="umap_hdbscan", umap_neighbors=10, min_samples=10, min_cluster_size=20, **options)
 
     # patches without labels: clustered on image features, shown as images only
+    import umap
+
+    monkeypatch.setattr(umap, "UMAP", FirstColumns)
     x, truth = _blobs()
     items, reader = _patches(tmp_path / "tiles", x, labelled=False)
     grids = []
