@@ -333,8 +333,7 @@ class FirstColumns:
         return np.asarray(x)[:, : self.n_components]
 
 
-@pytest.fixture
-def umap_first_columns(monkeypatch):
+def embed_with_first_columns(monkeypatch) -> None:
     import umap
 
     monkeypatch.setattr(umap, "UMAP", FirstColumns)
@@ -449,12 +448,12 @@ def test_umap_hdbscan_refuses_bad_options():
 
 
 @slow_umap
-def test_patches_clustered_on_image_features_with_noise_written_and_read_back(
-    tmp_path, monkeypatch, umap_first_columns
-):
+def test_patches_clustered_on_image_features_with_noise_written_and_read_back(tmp_path, monkeypatch):
     from PIL import Image
 
     import meddiff.visualize
+
+    embed_with_first_columns(monkeypatch)
 
     x, truth = _blobs()
     items, reader = _patches(tmp_path / "MoNuSegTrainingData", x)
@@ -531,9 +530,7 @@ def test_umap_hdbscan_refuses_all_noise_and_shows_unlabelled_patches(tmp_path, m
         cluster_pairs(items, method="umap_hdbscan", umap_neighbors=10, min_samples=10, min_cluster_size=20, **options)
 
     # patches without labels: clustered on image features, shown as images only
-    import umap
-
-    monkeypatch.setattr(umap, "UMAP", FirstColumns)
+    embed_with_first_columns(monkeypatch)
     x, truth = _blobs()
     items, reader = _patches(tmp_path / "tiles", x, labelled=False)
     grids = []
