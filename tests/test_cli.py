@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from test_breast_mri_bundle import TINY
 
-from meddiff.cli import metrics_table, parse_settings
+from meddiff.cli import demo_grids, metrics_table, parse_settings
 from meddiff.demo import bundles_dir, run_bundle
 from meddiff.errors import OptionError, find_user_error, format_user_error
 
@@ -172,6 +172,21 @@ def test_demo_refuses_a_bad_inference_setting_before_training(tmp_path: Path) ->
                 "--output_dir", str(tmp_path / "out")], tmp_path)  # fmt: skip
     assert_one_line_error(proc, "--sampler", "dpmpp_2m")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_points_to_the_grid_of_every_bundle_layout(tmp_path: Path) -> None:
+    def grids(*names: str) -> list[str]:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"png")
+        return [str(p.relative_to(out)) for p in demo_grids(out)]
+
+    assert grids("grid.png", "eval/generated/cluster_0/grid.png") == ["grid.png"]  # the bundle's own grid first
+    assert grids("eval/generated/grid.png", "eval/unguided/grid.png") == ["eval/generated/grid.png"]  # histology
+    clusters = ["eval/generated/cluster_0/grid.png", "eval/generated/cluster_1/grid.png"]
+    assert grids(*reversed(clusters)) == clusters  # one per cluster (polyps, nuclei), in order
+    assert grids("metrics.json") == []
 
 
 def test_parse_settings_reads_json_values() -> None:

@@ -142,6 +142,14 @@ def _quiet_bundle_runner() -> None:
     warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
 
 
+def demo_grids(out: Path) -> list[Path]:
+    """The sample grids a finished demo points to: the bundle's ``grid.png``, else the generated set's under
+    ``eval/generated/`` (one per cluster where the bundle trains one model per cluster)."""
+    if (out / "grid.png").is_file():
+        return [out / "grid.png"]
+    return sorted(out.glob("eval/generated/**/grid.png"))
+
+
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from meddiff.demo import DEMO_BUNDLES, run_demo
     from meddiff.options import parse
@@ -158,8 +166,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"== {bundle}: training, generating, evaluating (results in {out}/)", flush=True)
         run_demo(bundle, args.output_dir, args.dataset_dir, overwrite=overwrite, **settings)  # prints its metrics
         elapsed = time.perf_counter() - start
-        grids = [out / "grid.png"] if (out / "grid.png").is_file() else sorted(out.glob("eval/generated/*/grid.png"))
-        shown = ", ".join(str(p) for p in [*grids, out / "metrics.json"])
+        shown = ", ".join(str(p) for p in [*demo_grids(out), out / "metrics.json"])
         print(f"== {bundle} done in {elapsed:.0f} s: {shown}", flush=True)
     return 0
 
